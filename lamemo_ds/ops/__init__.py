@@ -1,0 +1,1 @@
+"""Fused attention kernels and the dispatch between them and the eager oracle."""
