@@ -1,0 +1,57 @@
+"""The `lamemo` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+modules import heavy dependencies (torch, deepspeed) inside `run`, so `lamemo --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "model-info": ("lamemo_ds.commands.model_info",
+                   "parameters, FLOPs per token and memory-state size of a config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lamemo", description="Pretrain LaMemo language models with DeepSpeed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `lamemo COMMAND --help` for the options of one command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--config FILE and repeated --set key=value (shared by every config-taking command)."""
+    p.add_argument("--config", required=required, help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from .config.schema import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"lamemo {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `lamemo` CLI that do not belong to one subsystem."""
