@@ -59,8 +59,11 @@ def _band_base(m0, n0, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexp
 def _load_q(Q_bh, rows, dd, s_t, n_rows, U_h, VB_h, D: tl.constexpr):
     """(q + u, q + vb) in the input dtype: [BM, BD] each; padded rows/dims load as q = 0."""
     dmask = dd < D
-    q = tl.load(Q_bh + rows[:, None] * s_t + dd[None, :],
-                mask=(rows[:, None] < n_rows) & dmask[None, :], other=0.0)
+    q = tl.load(
+        Q_bh + rows[:, None] * s_t + dd[None, :],
+        mask=(rows[:, None] < n_rows) & dmask[None, :],
+        other=0.0,
+    )
     u = tl.load(U_h + dd, mask=dmask, other=0.0).to(tl.float32)
     vb = tl.load(VB_h + dd, mask=dmask, other=0.0).to(tl.float32)
     qf = q.to(tl.float32)
@@ -72,14 +75,38 @@ def _load_q(Q_bh, rows, dd, s_t, n_rows, U_h, VB_h, D: tl.constexpr):
 @triton.jit
 def _load_rows(X_bh, idx, dd, s_t, n, D: tl.constexpr):
     """Rows idx of a [n, D] slab (stride s_t, unit last stride), zero outside."""
-    return tl.load(X_bh + idx[:, None] * s_t + dd[None, :],
-                   mask=(idx[:, None] < n) & (idx[:, None] >= 0) & (dd[None, :] < D), other=0.0)
+    return tl.load(
+        X_bh + idx[:, None] * s_t + dd[None, :],
+        mask=(idx[:, None] < n) & (idx[:, None] >= 0) & (dd[None, :] < D),
+        other=0.0,
+    )
 
 
 @triton.jit
-def _tile_scores(qu, qv, k, R_h, sr_x, n_r, m0, n0, colmin, n_rows, n_cols, off, dmin, dmax,
-                 scale, D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _tile_scores(
+    qu,
+    qv,
+    k,
+    R_h,
+    sr_x,
+    n_r,
+    m0,
+    n0,
+    colmin,
+    n_rows,
+    n_cols,
+    off,
+    dmin,
+    dmax,
+    scale,
+    D: tl.constexpr,
+    ABS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Masked scaled scores [BM, BN] (fp32, -inf where not allowed), the R band [BW, BD] and
     its first table index."""
     rows = m0 + tl.arange(0, BM)
@@ -95,18 +122,55 @@ def _tile_scores(qu, qv, k, R_h, sr_x, n_r, m0, n0, colmin, n_rows, n_cols, off,
     else:
         fidx = diff
     bd = tl.gather(band, fidx - base, axis=1)  # [BM, BN]: band[i, f(diff) - base]
-    allowed = ((cols[None, :] >= colmin) & (cols[None, :] < n_cols) & (rows[:, None] < n_rows)
-               & (diff >= dmin) & (diff <= dmax))
+    allowed = (
+        (cols[None, :] >= colmin)
+        & (cols[None, :] < n_cols)
+        & (rows[:, None] < n_rows)
+        & (diff >= dmin)
+        & (diff <= dmax)
+    )
     s = tl.where(allowed, (ac + bd) * scale, float("-inf"))
     return s, rb, base
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, R, U, VB, COLMIN, O, LSE,
-                sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sr_x, sr_h,
-                H, n_rows, n_cols, n_r, off, dmin, dmax, scale,
-                D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    R,
+    U,
+    VB,
+    COLMIN,
+    O,
+    LSE,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sr_x,
+    sr_h,
+    H,
+    n_rows,
+    n_cols,
+    n_r,
+    off,
+    dmin,
+    dmax,
+    scale,
+    D: tl.constexpr,
+    ABS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     m0 = tl.program_id(0) * BM
     bh = tl.program_id(1)
     b = bh // H
@@ -124,8 +188,30 @@ def _fwd_kernel(Q, K, V, R, U, VB, COLMIN, O, LSE,
     for n0 in range(start, hi, BN):
         cols = n0 + tl.arange(0, BN)
         k = _load_rows(K_bh, cols, dd, sk_t, n_cols, D)
-        s, rb, base = _tile_scores(qu, qv, k, R + h * sr_h, sr_x, n_r, m0, n0, colmin, n_rows,
-                                   n_cols, off, dmin, dmax, scale, D, ABS, BM, BN, BW, BD, PREC)
+        s, rb, base = _tile_scores(
+            qu,
+            qv,
+            k,
+            R + h * sr_h,
+            sr_x,
+            n_r,
+            m0,
+            n0,
+            colmin,
+            n_rows,
+            n_cols,
+            off,
+            dmin,
+            dmax,
+            scale,
+            D,
+            ABS,
+            BM,
+            BN,
+            BW,
+            BD,
+            PREC,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -138,17 +224,55 @@ def _fwd_kernel(Q, K, V, R, U, VB, COLMIN, O, LSE,
     o = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
     out = O + bh * n_rows * D
-    tl.store(out + rows[:, None] * D + dd[None, :], o.to(O.dtype.element_ty),
-             mask=(rows[:, None] < n_rows) & (dd[None, :] < D))
+    tl.store(
+        out + rows[:, None] * D + dd[None, :],
+        o.to(O.dtype.element_ty),
+        mask=(rows[:, None] < n_rows) & (dd[None, :] < D),
+    )
     tl.store(LSE + bh * n_rows + rows, lse, mask=rows < n_rows)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DK, DV,
-                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sr_x, sr_h,
-                     H, n_rows, n_cols, n_r, off, dmin, dmax, scale,
-                     D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    R,
+    U,
+    VB,
+    COLMIN,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sr_x,
+    sr_h,
+    H,
+    n_rows,
+    n_cols,
+    n_r,
+    off,
+    dmin,
+    dmax,
+    scale,
+    D: tl.constexpr,
+    ABS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1)
     b = bh // H
@@ -163,10 +287,31 @@ def _bwd_dkdv_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DK, DV,
     start, hi = _row_range(n0, colmin, n_rows, off, dmin, dmax, BM, BN)
     for m0 in range(start, hi, BM):
         rows = m0 + tl.arange(0, BM)
-        qu, qv = _load_q(Q + b * sq_b + h * sq_h, rows, dd, sq_t, n_rows, U + h * D,
-                         VB + h * D, D)
-        s, rb, base = _tile_scores(qu, qv, k, R + h * sr_h, sr_x, n_r, m0, n0, colmin, n_rows,
-                                   n_cols, off, dmin, dmax, scale, D, ABS, BM, BN, BW, BD, PREC)
+        qu, qv = _load_q(Q + b * sq_b + h * sq_h, rows, dd, sq_t, n_rows, U + h * D, VB + h * D, D)
+        s, rb, base = _tile_scores(
+            qu,
+            qv,
+            k,
+            R + h * sr_h,
+            sr_x,
+            n_r,
+            m0,
+            n0,
+            colmin,
+            n_rows,
+            n_cols,
+            off,
+            dmin,
+            dmax,
+            scale,
+            D,
+            ABS,
+            BM,
+            BN,
+            BW,
+            BD,
+            PREC,
+        )
         lse = tl.load(LSE + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
         delta = tl.load(DELTA + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
         do = _load_rows(DO + bh * n_rows * D, rows, dd, D, n_rows, D)  # [BM, BD]
@@ -182,8 +327,9 @@ def _bwd_dkdv_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _to_band(ds, m0, n0, base, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             BW: tl.constexpr):
+def _to_band(
+    ds, m0, n0, base, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr
+):
     """Regroup dS [BM, BN] by table index: out[i, c] = sum of dS[i, j] with f(j-i+OFF) = base+c."""
     rows = m0 + tl.arange(0, BM)
     tgt = base + tl.arange(0, BW)  # table index of each band column
@@ -198,11 +344,48 @@ def _to_band(ds, m0, n0, base, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DQ, DR, DU_P, DVB_P,
-                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sr_x, sr_h,
-                   H, n_rows, n_cols, n_r, off, dmin, dmax, scale,
-                   D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    R,
+    U,
+    VB,
+    COLMIN,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DR,
+    DU_P,
+    DVB_P,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sr_x,
+    sr_h,
+    H,
+    n_rows,
+    n_cols,
+    n_r,
+    off,
+    dmin,
+    dmax,
+    scale,
+    D: tl.constexpr,
+    ABS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BW: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     m0 = pid_m * BM
     bh = tl.program_id(1)
@@ -224,8 +407,30 @@ def _bwd_dq_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DQ, DR, DU_P, DVB_
         cols = n0 + tl.arange(0, BN)
         k = _load_rows(K_bh, cols, dd, sk_t, n_cols, D)
         v = _load_rows(V_bh, cols, dd, sv_t, n_cols, D)
-        s, rb, base = _tile_scores(qu, qv, k, R + h * sr_h, sr_x, n_r, m0, n0, colmin, n_rows,
-                                   n_cols, off, dmin, dmax, scale, D, ABS, BM, BN, BW, BD, PREC)
+        s, rb, base = _tile_scores(
+            qu,
+            qv,
+            k,
+            R + h * sr_h,
+            sr_x,
+            n_r,
+            m0,
+            n0,
+            colmin,
+            n_rows,
+            n_cols,
+            off,
+            dmin,
+            dmax,
+            scale,
+            D,
+            ABS,
+            BM,
+            BN,
+            BW,
+            BD,
+            PREC,
+        )
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])  # [BM, BN] fp32
@@ -234,13 +439,19 @@ def _bwd_dq_kernel(Q, K, V, R, U, VB, COLMIN, DO, LSE, DELTA, DQ, DR, DU_P, DVB_
         dqp += tl.dot(dband, rb, input_precision=PREC)
         dr = tl.dot(tl.trans(dband), qv, input_precision=PREC)  # [BW, BD]
         ridx = base + tl.arange(0, BW)
-        tl.atomic_add(DR + ridx[:, None] * (H * D) + h * D + dd[None, :], dr * scale,
-                      mask=(ridx[:, None] >= 0) & (ridx[:, None] < n_r) & (dd[None, :] < D))
+        tl.atomic_add(
+            DR + ridx[:, None] * (H * D) + h * D + dd[None, :],
+            dr * scale,
+            mask=(ridx[:, None] >= 0) & (ridx[:, None] < n_r) & (dd[None, :] < D),
+        )
     dqc = dqc * scale
     dqp = dqp * scale
     dmask = dd < D
-    tl.store(DQ + bh * n_rows * D + rows[:, None] * D + dd[None, :],
-             (dqc + dqp).to(DQ.dtype.element_ty), mask=(rows[:, None] < n_rows) & dmask[None, :])
+    tl.store(
+        DQ + bh * n_rows * D + rows[:, None] * D + dd[None, :],
+        (dqc + dqp).to(DQ.dtype.element_ty),
+        mask=(rows[:, None] < n_rows) & dmask[None, :],
+    )
     part = (bh * tl.num_programs(0) + pid_m) * D + dd
     tl.store(DU_P + part, tl.sum(dqc, 0), mask=dmask)
     tl.store(DVB_P + part, tl.sum(dqp, 0), mask=dmask)

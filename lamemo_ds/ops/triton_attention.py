@@ -29,7 +29,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def available() -> bool:
-    """Triton imports and can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    """Triton imports and can run: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
     try:
         import triton
     except ImportError:
@@ -38,7 +38,7 @@ def available() -> bool:
 
 
 def supports_device(device_type: str) -> bool:
-    """Whether tensors on this device type can run the kernels (CPU only through the interpreter)."""
+    """Whether tensors on this device type can run the kernels (CPU: only the interpreter)."""
     if not available():
         return False
     import triton
@@ -103,14 +103,35 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _common_args(q, k, v, r, geom: Geometry, scale: float):
     """Positional scalar arguments shared by the three kernels (after the pointers)."""
-    return (*_strides(q), *_strides(k), *_strides(v), r.stride(0), r.stride(1), q.shape[1],
-            q.shape[2], k.shape[2], r.shape[0], geom.off, geom.dmin, geom.dmax, scale)
+    return (
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        r.stride(0),
+        r.stride(1),
+        q.shape[1],
+        q.shape[2],
+        k.shape[2],
+        r.shape[0],
+        geom.off,
+        geom.dmin,
+        geom.dmax,
+        scale,
+    )
 
 
 def _meta(cfg: _Launch, d_head: int, geom: Geometry, dtype: torch.dtype) -> dict:
-    return dict(D=d_head, ABS=geom.abs_index, BM=cfg.bm, BN=cfg.bn, BW=cfg.bw, BD=cfg.bd,
-                PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=cfg.warps,
-                num_stages=cfg.stages)
+    return dict(
+        D=d_head,
+        ABS=geom.abs_index,
+        BM=cfg.bm,
+        BN=cfg.bn,
+        BW=cfg.bw,
+        BD=cfg.bd,
+        PREC="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
 
 
 def _forward(q, k, v, r, u, vb, colmin, geom: Geometry):
@@ -124,9 +145,19 @@ def _forward(q, k, v, r, u, vb, colmin, geom: Geometry):
     o = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(t, cfg.bm), b * h)
-    kern._fwd_kernel[grid](q, k, v, r, u, vb, colmin, o, lse,
-                           *_common_args(q, k, v, r, geom, 1.0 / math.sqrt(d)),
-                           **_meta(cfg, d, geom, q.dtype))
+    kern._fwd_kernel[grid](
+        q,
+        k,
+        v,
+        r,
+        u,
+        vb,
+        colmin,
+        o,
+        lse,
+        *_common_args(q, k, v, r, geom, 1.0 / math.sqrt(d)),
+        **_meta(cfg, d, geom, q.dtype),
+    )
     return o, lse
 
 
@@ -144,14 +175,16 @@ def _backward(saved, geom: Geometry, do, delta):
     dk = torch.empty(b, h, k.shape[2], d, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk, dtype=v.dtype)
     kern._bwd_dkdv_kernel[(triton.cdiv(k.shape[2], cfg.bn), b * h)](
-        q, k, v, r, u, vb, colmin, do, lse, delta, dk, dv, *args, **meta)
+        q, k, v, r, u, vb, colmin, do, lse, delta, dk, dv, *args, **meta
+    )
     n_mblk = triton.cdiv(t, cfg.bm)
     dq = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
     dr = torch.zeros(r.shape[0], h, d, device=q.device, dtype=torch.float32)
     du_part = torch.empty(b, h, n_mblk, d, device=q.device, dtype=torch.float32)
     dvb_part = torch.empty_like(du_part)
     kern._bwd_dq_kernel[(n_mblk, b * h)](
-        q, k, v, r, u, vb, colmin, do, lse, delta, dq, dr, du_part, dvb_part, *args, **meta)
+        q, k, v, r, u, vb, colmin, do, lse, delta, dq, dr, du_part, dvb_part, *args, **meta
+    )
     du = du_part.sum(dim=(0, 2))  # [H, D]
     dvb = dvb_part.sum(dim=(0, 2))
     return dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype)
@@ -184,38 +217,71 @@ class _RelAttention(torch.autograd.Function):
 
 def _check(q, k, v, r, dropatt: float, training: bool) -> None:
     if dropatt > 0 and training:
-        raise ValueError(f"fused attention has no attention dropout (dropatt={dropatt}); "
-                         "set model.dropatt=0 or model.attention_impl=eager")
+        raise ValueError(
+            f"fused attention has no attention dropout (dropatt={dropatt}); "
+            "set model.dropatt=0 or model.attention_impl=eager"
+        )
     for name, x in (("q", q), ("k", k), ("v", v), ("r", r)):
         if x.dtype not in _DTYPES:
-            raise TypeError(f"fused attention takes fp32/bf16/fp16, got {name}.dtype={x.dtype}; "
-                            "use model.attention_impl=eager for fp64")
+            raise TypeError(
+                f"fused attention takes fp32/bf16/fp16, got {name}.dtype={x.dtype}; "
+                "use model.attention_impl=eager for fp64"
+            )
     if not supports_device(q.device.type):
-        raise RuntimeError(f"Triton kernels cannot run on {q.device.type} tensors here (CUDA "
-                           "tensors need a GPU; CPU tensors need TRITON_INTERPRET=1)")
+        raise RuntimeError(
+            f"Triton kernels cannot run on {q.device.type} tensors here (CUDA "
+            "tensors need a GPU; CPU tensors need TRITON_INTERPRET=1)"
+        )
 
 
-def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length: bool = False,
-                         dropatt: float = 0.0, training: bool = False):
+def causal_rel_attention(
+    q,
+    k,
+    v,
+    r,
+    u,
+    vb,
+    *,
+    valid,
+    mem_len: int,
+    same_length: bool = False,
+    dropatt: float = 0.0,
+    training: bool = False,
+):
     """Fused causal attention of the current rows over [memory ; current] (SPEC §2).
 
     Same contract as model.attention.causal_rel_attention: q [B,H,N,D], k/v [B,H,M+N,D],
     r [M+N,H,D] (distances K-1..0), u/vb [H,D]; returns o [B,H,N,D], lse [B,H,N] fp32.
     """
     _check(q, k, v, r, dropatt, training)
+    k, v, r = (x.to(q.dtype) for x in (k, v, r))  # autocast may leave them in another dtype
     geom = causal_geometry(mem_len=mem_len, seg_len=q.shape[2], same_length=same_length)
     colmin = (mem_len - valid).to(device=q.device, dtype=torch.int32)  # [B]
     return _RelAttention.apply(q, k, v, r, u, vb, colmin, geom)
 
 
-def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start: int,
-                        variant: str = "default", dropatt: float = 0.0, training: bool = False):
+def lookahead_attention(
+    q,
+    k,
+    v,
+    r,
+    u,
+    vb,
+    *,
+    valid,
+    mem_len: int,
+    window_start: int,
+    variant: str = "default",
+    dropatt: float = 0.0,
+    training: bool = False,
+):
     """Fused look-ahead attention of the memory rows over their window (SPEC §3).
 
     Same contract as model.attention.lookahead_attention: q [B,H,M,D], k/v [B,H,W,D] (buffer
     positions window_start..), r [X,H,D] the look-ahead table; returns e [B,H,M,D], lse [B,H,M].
     """
     _check(q, k, v, r, dropatt, training)
+    k, v, r = (x.to(q.dtype) for x in (k, v, r))
     if mem_len == 0:  # no memory rows: nothing to attend from
         b, h, _, d = q.shape
         return q.new_zeros(b, h, 0, d), q.new_zeros(b, h, 0, dtype=torch.float32)
