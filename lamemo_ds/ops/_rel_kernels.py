@@ -19,11 +19,14 @@ selection in reverse (a gather of dS into band coordinates; two gathers for abs,
 two-to-one) and accumulates dR with fp32 atomics on the band rows. Nothing of size [N, M+N] is
 ever written to global memory: the forward keeps the online-softmax state in registers; the
 backward recomputes P from the saved logsumexp (flash-attention-2 style) in two kernels, one
-per key block (dK, dV) and one per query block (dQ, dR, and the bias-gradient partial sums).
+per key block (dK, dV) and one per query block (dQ, dR, and the bias-gradient partial sums);
+those live in _rel_kernels_bwd.py.
 """
 
 from __future__ import annotations
 
+# Kernel signatures carry ~30 scalars: packed lines read better than one per line.
+# fmt: off
 import triton
 import triton.language as tl
 
@@ -59,11 +62,8 @@ def _band_base(m0, n0, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexp
 def _load_q(Q_bh, rows, dd, s_t, n_rows, U_h, VB_h, D: tl.constexpr):
     """(q + u, q + vb) in the input dtype: [BM, BD] each; padded rows/dims load as q = 0."""
     dmask = dd < D
-    q = tl.load(
-        Q_bh + rows[:, None] * s_t + dd[None, :],
-        mask=(rows[:, None] < n_rows) & dmask[None, :],
-        other=0.0,
-    )
+    q = tl.load(Q_bh + rows[:, None] * s_t + dd[None, :],
+                mask=(rows[:, None] < n_rows) & dmask[None, :], other=0.0)
     u = tl.load(U_h + dd, mask=dmask, other=0.0).to(tl.float32)
     vb = tl.load(VB_h + dd, mask=dmask, other=0.0).to(tl.float32)
     qf = q.to(tl.float32)
@@ -75,38 +75,14 @@ def _load_q(Q_bh, rows, dd, s_t, n_rows, U_h, VB_h, D: tl.constexpr):
 @triton.jit
 def _load_rows(X_bh, idx, dd, s_t, n, D: tl.constexpr):
     """Rows idx of a [n, D] slab (stride s_t, unit last stride), zero outside."""
-    return tl.load(
-        X_bh + idx[:, None] * s_t + dd[None, :],
-        mask=(idx[:, None] < n) & (idx[:, None] >= 0) & (dd[None, :] < D),
-        other=0.0,
-    )
+    return tl.load(X_bh + idx[:, None] * s_t + dd[None, :],
+                   mask=(idx[:, None] < n) & (idx[:, None] >= 0) & (dd[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _tile_scores(
-    qu,
-    qv,
-    k,
-    R_h,
-    sr_x,
-    n_r,
-    m0,
-    n0,
-    colmin,
-    n_rows,
-    n_cols,
-    off,
-    dmin,
-    dmax,
-    scale,
-    D: tl.constexpr,
-    ABS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BW: tl.constexpr,
-    BD: tl.constexpr,
-    PREC: tl.constexpr,
-):
+def _tile_scores(qu, qv, k, R_h, sr_x, n_r, m0, n0, colmin, n_rows, n_cols, off, dmin, dmax,
+                 scale, D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """Masked scaled scores [BM, BN] (fp32, -inf where not allowed), the R band [BW, BD] and
     its first table index."""
     rows = m0 + tl.arange(0, BM)
@@ -122,55 +98,18 @@ def _tile_scores(
     else:
         fidx = diff
     bd = tl.gather(band, fidx - base, axis=1)  # [BM, BN]: band[i, f(diff) - base]
-    allowed = (
-        (cols[None, :] >= colmin)
-        & (cols[None, :] < n_cols)
-        & (rows[:, None] < n_rows)
-        & (diff >= dmin)
-        & (diff <= dmax)
-    )
+    allowed = ((cols[None, :] >= colmin) & (cols[None, :] < n_cols) & (rows[:, None] < n_rows)
+               & (diff >= dmin) & (diff <= dmax))
     s = tl.where(allowed, (ac + bd) * scale, float("-inf"))
     return s, rb, base
 
 
 @triton.jit
-def _fwd_kernel(
-    Q,
-    K,
-    V,
-    R,
-    U,
-    VB,
-    COLMIN,
-    O,
-    LSE,
-    sq_b,
-    sq_h,
-    sq_t,
-    sk_b,
-    sk_h,
-    sk_t,
-    sv_b,
-    sv_h,
-    sv_t,
-    sr_x,
-    sr_h,
-    H,
-    n_rows,
-    n_cols,
-    n_r,
-    off,
-    dmin,
-    dmax,
-    scale,
-    D: tl.constexpr,
-    ABS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BW: tl.constexpr,
-    BD: tl.constexpr,
-    PREC: tl.constexpr,
-):
+def _fwd_kernel(Q, K, V, R, U, VB, COLMIN, O, LSE,
+                sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sr_x, sr_h,
+                H, n_rows, n_cols, n_r, off, dmin, dmax, scale,
+                D: tl.constexpr, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BW: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     m0 = tl.program_id(0) * BM
     bh = tl.program_id(1)
     b = bh // H
@@ -188,30 +127,8 @@ def _fwd_kernel(
     for n0 in range(start, hi, BN):
         cols = n0 + tl.arange(0, BN)
         k = _load_rows(K_bh, cols, dd, sk_t, n_cols, D)
-        s, rb, base = _tile_scores(
-            qu,
-            qv,
-            k,
-            R + h * sr_h,
-            sr_x,
-            n_r,
-            m0,
-            n0,
-            colmin,
-            n_rows,
-            n_cols,
-            off,
-            dmin,
-            dmax,
-            scale,
-            D,
-            ABS,
-            BM,
-            BN,
-            BW,
-            BD,
-            PREC,
-        )
+        s, rb, base = _tile_scores(qu, qv, k, R + h * sr_h, sr_x, n_r, m0, n0, colmin, n_rows,
+                                   n_cols, off, dmin, dmax, scale, D, ABS, BM, BN, BW, BD, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -224,234 +141,6 @@ def _fwd_kernel(
     o = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
     out = O + bh * n_rows * D
-    tl.store(
-        out + rows[:, None] * D + dd[None, :],
-        o.to(O.dtype.element_ty),
-        mask=(rows[:, None] < n_rows) & (dd[None, :] < D),
-    )
+    tl.store(out + rows[:, None] * D + dd[None, :], o.to(O.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (dd[None, :] < D))
     tl.store(LSE + bh * n_rows + rows, lse, mask=rows < n_rows)
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    R,
-    U,
-    VB,
-    COLMIN,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    sq_b,
-    sq_h,
-    sq_t,
-    sk_b,
-    sk_h,
-    sk_t,
-    sv_b,
-    sv_h,
-    sv_t,
-    sr_x,
-    sr_h,
-    H,
-    n_rows,
-    n_cols,
-    n_r,
-    off,
-    dmin,
-    dmax,
-    scale,
-    D: tl.constexpr,
-    ABS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BW: tl.constexpr,
-    BD: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    n0 = tl.program_id(0) * BN
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    colmin = tl.load(COLMIN + b)
-    cols = n0 + tl.arange(0, BN)
-    dd = tl.arange(0, BD)
-    k = _load_rows(K + b * sk_b + h * sk_h, cols, dd, sk_t, n_cols, D)  # [BN, BD]
-    v = _load_rows(V + b * sv_b + h * sv_h, cols, dd, sv_t, n_cols, D)
-    dk = tl.zeros([BN, BD], tl.float32)
-    dv = tl.zeros([BN, BD], tl.float32)
-    start, hi = _row_range(n0, colmin, n_rows, off, dmin, dmax, BM, BN)
-    for m0 in range(start, hi, BM):
-        rows = m0 + tl.arange(0, BM)
-        qu, qv = _load_q(Q + b * sq_b + h * sq_h, rows, dd, sq_t, n_rows, U + h * D, VB + h * D, D)
-        s, rb, base = _tile_scores(
-            qu,
-            qv,
-            k,
-            R + h * sr_h,
-            sr_x,
-            n_r,
-            m0,
-            n0,
-            colmin,
-            n_rows,
-            n_cols,
-            off,
-            dmin,
-            dmax,
-            scale,
-            D,
-            ABS,
-            BM,
-            BN,
-            BW,
-            BD,
-            PREC,
-        )
-        lse = tl.load(LSE + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
-        delta = tl.load(DELTA + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
-        do = _load_rows(DO + bh * n_rows * D, rows, dd, D, n_rows, D)  # [BM, BD]
-        p = tl.exp(s - lse[:, None])  # [BM, BN], 0 where masked
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=PREC)
-    mask = (cols[:, None] < n_cols) & (dd[None, :] < D)
-    ptr = bh * n_cols * D + cols[:, None] * D + dd[None, :]
-    tl.store(DK + ptr, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _to_band(
-    ds, m0, n0, base, off, ABS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr
-):
-    """Regroup dS [BM, BN] by table index: out[i, c] = sum of dS[i, j] with f(j-i+OFF) = base+c."""
-    rows = m0 + tl.arange(0, BM)
-    tgt = base + tl.arange(0, BW)  # table index of each band column
-    c1 = tgt[None, :] + rows[:, None] - off - n0  # local key column with j - i + OFF = tgt
-    ok1 = (c1 >= 0) & (c1 < BN)
-    out = tl.where(ok1, tl.gather(ds, tl.minimum(tl.maximum(c1, 0), BN - 1), axis=1), 0.0)
-    if ABS:  # j - i + OFF = -tgt maps to the same entry (once: tgt = 0 is already counted)
-        c2 = rows[:, None] - tgt[None, :] - off - n0
-        ok2 = (c2 >= 0) & (c2 < BN) & (tgt[None, :] != 0)
-        out += tl.where(ok2, tl.gather(ds, tl.minimum(tl.maximum(c2, 0), BN - 1), axis=1), 0.0)
-    return out
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    R,
-    U,
-    VB,
-    COLMIN,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    DR,
-    DU_P,
-    DVB_P,
-    sq_b,
-    sq_h,
-    sq_t,
-    sk_b,
-    sk_h,
-    sk_t,
-    sv_b,
-    sv_h,
-    sv_t,
-    sr_x,
-    sr_h,
-    H,
-    n_rows,
-    n_cols,
-    n_r,
-    off,
-    dmin,
-    dmax,
-    scale,
-    D: tl.constexpr,
-    ABS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BW: tl.constexpr,
-    BD: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    m0 = pid_m * BM
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    colmin = tl.load(COLMIN + b)
-    rows = m0 + tl.arange(0, BM)
-    dd = tl.arange(0, BD)
-    qu, qv = _load_q(Q + b * sq_b + h * sq_h, rows, dd, sq_t, n_rows, U + h * D, VB + h * D, D)
-    lse = tl.load(LSE + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
-    delta = tl.load(DELTA + bh * n_rows + rows, mask=rows < n_rows, other=0.0)
-    do = _load_rows(DO + bh * n_rows * D, rows, dd, D, n_rows, D)
-    dqc = tl.zeros([BM, BD], tl.float32)
-    dqp = tl.zeros([BM, BD], tl.float32)
-    K_bh = K + b * sk_b + h * sk_h
-    V_bh = V + b * sv_b + h * sv_h
-    start, hi = _col_range(m0, colmin, n_cols, off, dmin, dmax, BM, BN)
-    for n0 in range(start, hi, BN):
-        cols = n0 + tl.arange(0, BN)
-        k = _load_rows(K_bh, cols, dd, sk_t, n_cols, D)
-        v = _load_rows(V_bh, cols, dd, sv_t, n_cols, D)
-        s, rb, base = _tile_scores(
-            qu,
-            qv,
-            k,
-            R + h * sr_h,
-            sr_x,
-            n_r,
-            m0,
-            n0,
-            colmin,
-            n_rows,
-            n_cols,
-            off,
-            dmin,
-            dmax,
-            scale,
-            D,
-            ABS,
-            BM,
-            BN,
-            BW,
-            BD,
-            PREC,
-        )
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])  # [BM, BN] fp32
-        dqc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        dband = _to_band(ds, m0, n0, base, off, ABS, BM, BN, BW).to(rb.dtype)  # [BM, BW]
-        dqp += tl.dot(dband, rb, input_precision=PREC)
-        dr = tl.dot(tl.trans(dband), qv, input_precision=PREC)  # [BW, BD]
-        ridx = base + tl.arange(0, BW)
-        tl.atomic_add(
-            DR + ridx[:, None] * (H * D) + h * D + dd[None, :],
-            dr * scale,
-            mask=(ridx[:, None] >= 0) & (ridx[:, None] < n_r) & (dd[None, :] < D),
-        )
-    dqc = dqc * scale
-    dqp = dqp * scale
-    dmask = dd < D
-    tl.store(
-        DQ + bh * n_rows * D + rows[:, None] * D + dd[None, :],
-        (dqc + dqp).to(DQ.dtype.element_ty),
-        mask=(rows[:, None] < n_rows) & dmask[None, :],
-    )
-    part = (bh * tl.num_programs(0) + pid_m) * D + dd
-    tl.store(DU_P + part, tl.sum(dqc, 0), mask=dmask)
-    tl.store(DVB_P + part, tl.sum(dqp, 0), mask=dmask)

@@ -165,7 +165,7 @@ def _backward(saved, geom: Geometry, do, delta):
     """Gradients (dq, dk, dv, dr, du, dvb) of the scores' inputs given dO and delta."""
     import triton
 
-    from . import _rel_kernels as kern
+    from . import _rel_kernels_bwd as kern
 
     q, k, v, r, u, vb, colmin, lse = saved
     b, h, t, d = q.shape
