@@ -205,7 +205,7 @@ class NaiveLM:
 
     # -- layers and the LM -------------------------------------------------------------------
     def layer(self, layer: int, h_mem: list[Vec], h_cur: list[Vec], mem: StreamMemory):
-        """Returns (refreshed memory rows or [], current rows, (ctx, lse, seen) rows of [mem;cur])."""
+        """(refreshed memory rows or [], current rows, (ctx, lse, seen) rows of [mem ; cur])."""
         m, n = len(h_mem), len(h_cur)
         q, k, v = self.project(layer, h_mem + h_cur)
         o, lse_cur, seen_cur = self.causal(layer, q, k, v, m, n)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _naive_lamemo import NaiveLM, StreamMemory, tiny_model
 
 pytestmark = pytest.mark.unit
