@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def _prep(tmp_path: Path, **kw) -> tuple[dict, Path]:
     out = tmp_path / "out"
-    kw.setdefault("shard_bytes", 4096)
+    kw.setdefault("shard_bytes", 16384)
     m, wrote = prepare(PrepareOptions(**kw), out, workers=1, progress=False)
     assert wrote
     return m, out
@@ -129,7 +129,7 @@ def test_files_tree_sorted_and_hash_split_deterministic(tmp_path):
         p.write_text(f"file {i}\n")
     m1, out1 = _prep(tmp_path, corpus="files", input=str(root), valid_frac=0.2, test_frac=0.2)
     m2, _ = prepare(PrepareOptions(corpus="files", input=str(root), valid_frac=0.2,
-                                   test_frac=0.2, shard_bytes=4096), tmp_path / "again",
+                                   test_frac=0.2, shard_bytes=16384), tmp_path / "again",
                     workers=2, progress=False)
     assert sum(s["documents"] for s in m1.splits.values()) == 40
     assert all(m1.splits[s]["documents"] > 0 for s in ("train", "valid", "test"))
