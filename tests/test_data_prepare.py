@@ -204,7 +204,8 @@ def test_100mb_single_document_streams_with_bounded_memory(tmp_path):
             f"m, _ = prepare(PrepareOptions(corpus='files', input={str(src)!r}, valid_frac=0, "
             f"test_frac=0, shard_bytes=8 << 20), {str(tmp_path / 'out')!r}, workers=2, "
             "progress=False); "
-            "print(m.splits['train']['tokens'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "print(m.splits['train']['tokens'], rss)")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600, check=True)
