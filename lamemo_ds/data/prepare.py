@@ -295,7 +295,8 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
     corpus = open_corpus(o, stats)
     tok = build_tokenizer(corpus, o, workers)
     tok_id = save_tokenizer(tok, out)
-    pool = _Pool(workers, _init_worker, (tok.spec(), str(out)))
+    # byte ids are a memcpy of the UTF-8 text: shipping pieces to workers costs more than it saves
+    pool = _Pool(1 if tok.kind == "byte" else workers, _init_worker, (tok.spec(), str(out)))
     t0, splits = time.perf_counter(), {}
     try:
         for split in corpus.splits:
