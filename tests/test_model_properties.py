@@ -31,7 +31,7 @@ def _attend(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 # -- interpolation exactness ---------------------------------------------------------------------
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(n_old=st.integers(0, 6), n_new=st.integers(1, 6), d=st.integers(1, 4),
        scale=st.sampled_from([0.01, 1.0, 8.0, 60.0]), shift=st.floats(-40.0, 40.0),
        seed=st.integers(0, 2**31 - 1))
@@ -115,14 +115,14 @@ def test_carried_ctx_is_one_softmax_over_every_key_seen(variant, seg_len, mem_le
 
 # -- no leakage ----------------------------------------------------------------------------------
 def _all_log_probs(model, tokens: torch.Tensor, *, seg_len: int, mem_len: int) -> torch.Tensor:
-    """Log-probabilities [T, V] of every position of one stream, segment after segment."""
-    state, outs = model.init_state(1, mem_len=mem_len), []
+    """Log-probabilities [B, T, V] of every position of every stream, segment after segment."""
+    state, outs = model.init_state(tokens.shape[0], mem_len=mem_len), []
     with torch.no_grad():
         for s in range(tokens.shape[1] // seg_len):
             out = model(tokens[:, s * seg_len:(s + 1) * seg_len], state)
-            outs.append(out.logits[0])
+            outs.append(out.logits)
             state = out.state
-    return torch.cat(outs)
+    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("seg_len,mem_len", [(3, 4), (3, 3), (4, 2)])
@@ -130,17 +130,19 @@ def _all_log_probs(model, tokens: torch.Tensor, *, seg_len: int, mem_len: int) -
 def test_no_leakage_from_later_tokens(memory, variant, seg_len, mem_len):
     """Changing the token at global position g leaves every prediction at positions < g
     unchanged (those inputs exclude g), including predictions made after g's segment was
-    folded into memory; the prediction at g itself does change."""
+    folded into memory; the prediction at g itself does change. Stream 0 is the original
+    text, stream g + 1 the text with token g changed (streams of a batch are independent)."""
     model = tiny_model(memory, variant, seg_len=seg_len, mem_len=seg_len).eval()
-    tokens = torch.randint(0, 11, (1, seg_len * 3), generator=torch.Generator().manual_seed(7))
-    base = _all_log_probs(model, tokens, seg_len=seg_len, mem_len=mem_len)
-    for g in range(tokens.shape[1]):
-        bent = tokens.clone()
-        bent[0, g] = (bent[0, g] + 1) % 11
-        out = _all_log_probs(model, bent, seg_len=seg_len, mem_len=mem_len)
-        torch.testing.assert_close(out[:g], base[:g], atol=1e-12, rtol=0,
+    length = seg_len * 3
+    tokens = torch.randint(0, 11, (1, length), generator=torch.Generator().manual_seed(7))
+    bent = tokens.repeat(length + 1, 1)  # [1 + T, T]
+    for g in range(length):
+        bent[g + 1, g] = (bent[g + 1, g] + 1) % 11
+    out = _all_log_probs(model, bent, seg_len=seg_len, mem_len=mem_len)  # [1 + T, T, V]
+    for g in range(length):
+        torch.testing.assert_close(out[g + 1, :g], out[0, :g], atol=1e-12, rtol=0,
                                    msg=lambda m, g=g: f"token {g} leaked backwards: {m}")
-        assert not torch.allclose(out[g], base[g]), f"token {g} does not affect its own output"
+        assert not torch.allclose(out[g + 1, g], out[0, g]), f"token {g} has no effect"
 
 
 # -- gradients -----------------------------------------------------------------------------------
