@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--seg-len", type=int, default=512)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--tiny", action="store_true", help="small corpus, short timings (CI)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args()
     seconds = 1.0 if args.tiny else args.seconds
     res: dict = {"rows": args.rows, "seg_len": args.seg_len}
@@ -81,6 +82,8 @@ def main() -> None:
     res["loader_fraction_of_memmap"] = res["loader_tokens_per_s"] / res["memmap_tokens_per_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()},
                      indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"loader {res['loader_tokens_per_s'] / 1e6:.1f} M target tok/s "
           f"(target >= 10), memmap {res['memmap_tokens_per_s'] / 1e6:.1f} M tok/s, "
           f"ratio {res['loader_fraction_of_memmap']:.0%} (target >= 25%)")

@@ -118,12 +118,10 @@ class OrderedStreams:
             pos = (index * N + roll[:, None] + self._steps) % L  # [R, N+1]
             view = self._flat[self._row_base[:, None] + pos]  # [R, N+1]
             offs = self._row_base + pos[:, 0]
-        both = np.empty((2, R, N), dtype=np.int64)  # one allocation for input and target
-        both[0] = view[:, :-1]
-        both[1] = view[:, 1:]
-        pair = torch.from_numpy(both)
+        window = torch.from_numpy(view.astype(np.int64))  # [R, N+1], the only copy
         flags = np.full(R, reset or index == 0, dtype=np.bool_)
-        return Batch(input=pair[0], target=pair[1], reset=torch.from_numpy(flags),
+        # input and target are overlapping views of one buffer (row stride N+1)
+        return Batch(input=window[:, :-1], target=window[:, 1:], reset=torch.from_numpy(flags),
                      epoch=epoch, index=index, offsets=torch.from_numpy(offs))
 
     def _rank_rolls(self, epoch: int) -> np.ndarray | None:
