@@ -77,18 +77,34 @@ class _Launch:
     stages: int
 
 
-def _launch_config(d_head: int, interpret: bool) -> _Launch:
-    """Tile sizes. The band width bw covers the bm + bn - 1 table rows one tile touches."""
-    bd = max(16, 1 << (d_head - 1).bit_length())  # 41 -> 64: padded inside the kernel
+# (block_m, block_n, num_warps) per kernel and padded head dim, chosen from sm_90 builds
+# (ptxas resource usage, compiled ahead of time without a GPU): the largest tiles that do not
+# spill registers. The in-register band gather is what limits them; see bench/attention.py.
+_GPU_TILES = {
+    ("fwd", 64): (64, 64, 8),
+    ("dkdv", 64): (32, 32, 8),
+    ("dq", 64): (32, 32, 8),
+    ("fwd", 128): (32, 32, 4),
+    ("dkdv", 128): (32, 32, 4),
+    ("dq", 128): (32, 32, 8),
+}
+
+
+def _launch_config(d_head: int, interpret: bool, kernel: str) -> _Launch:
+    """Tile sizes of one kernel ('fwd', 'dkdv', 'dq'); bw covers the bm + bn - 1 table rows a
+    tile touches. Head dims pad to a power of two >= 16 (41 -> 64) inside the kernel."""
+    bd = max(16, 1 << (d_head - 1).bit_length())
     if interpret:
         bm = bn = 16
         warps, stages = 1, 1
-    elif bd <= 64:
-        bm = bn = 64
-        warps, stages = 4, 2
     else:
-        bm, bn = 64, 32
-        warps, stages = 8, 2
+        bm, bn, warps = _GPU_TILES[(kernel, min(max(bd, 64), 128))]
+        stages = 2
+    if bd > 128:
+        raise ValueError(
+            f"fused attention supports head dims up to 128, got {d_head}; "
+            "use model.attention_impl=eager"
+        )
     bw = 1 << (bm + bn - 2).bit_length()
     return _Launch(bm=bm, bn=bn, bw=bw, bd=bd, warps=warps, stages=stages)
 
@@ -120,7 +136,11 @@ def _common_args(q, k, v, r, geom: Geometry, scale: float):
     )
 
 
-def _meta(cfg: _Launch, d_head: int, geom: Geometry, dtype: torch.dtype) -> dict:
+def _meta(cfg: _Launch, d_head: int, geom: Geometry, dtype: torch.dtype, interpret: bool) -> dict:
+    """Compile-time arguments. fp32 products: exact in the interpreter (the tests' tight
+    tolerance), tf32x3 on the GPU (three tensor-core passes, ~fp32 accuracy; 'ieee' would fall
+    back to scalar FMAs and take minutes to compile)."""
+    fp32_prec = "ieee" if interpret else "tf32x3"
     return dict(
         D=d_head,
         ABS=geom.abs_index,
@@ -128,7 +148,7 @@ def _meta(cfg: _Launch, d_head: int, geom: Geometry, dtype: torch.dtype) -> dict
         BN=cfg.bn,
         BW=cfg.bw,
         BD=cfg.bd,
-        PREC="ieee" if dtype == torch.float32 else "tf32",
+        PREC=fp32_prec if dtype == torch.float32 else "tf32",
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -141,7 +161,8 @@ def _forward(q, k, v, r, u, vb, colmin, geom: Geometry):
     from . import _rel_kernels as kern
 
     b, h, t, d = q.shape
-    cfg = _launch_config(d, bool(triton.knobs.runtime.interpret))
+    interpret = bool(triton.knobs.runtime.interpret)
+    cfg = _launch_config(d, interpret, "fwd")
     o = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(t, cfg.bm), b * h)
@@ -156,7 +177,7 @@ def _forward(q, k, v, r, u, vb, colmin, geom: Geometry):
         o,
         lse,
         *_common_args(q, k, v, r, geom, 1.0 / math.sqrt(d)),
-        **_meta(cfg, d, geom, q.dtype),
+        **_meta(cfg, d, geom, q.dtype, interpret),
     )
     return o, lse
 
@@ -169,21 +190,50 @@ def _backward(saved, geom: Geometry, do, delta):
 
     q, k, v, r, u, vb, colmin, lse = saved
     b, h, t, d = q.shape
-    cfg = _launch_config(d, bool(triton.knobs.runtime.interpret))
-    meta = _meta(cfg, d, geom, q.dtype)
+    interpret = bool(triton.knobs.runtime.interpret)
+    cfg = _launch_config(d, interpret, "dkdv")
     args = _common_args(q, k, v, r, geom, 1.0 / math.sqrt(d))
     dk = torch.empty(b, h, k.shape[2], d, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk, dtype=v.dtype)
     kern._bwd_dkdv_kernel[(triton.cdiv(k.shape[2], cfg.bn), b * h)](
-        q, k, v, r, u, vb, colmin, do, lse, delta, dk, dv, *args, **meta
+        q,
+        k,
+        v,
+        r,
+        u,
+        vb,
+        colmin,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        *args,
+        **_meta(cfg, d, geom, q.dtype, interpret),
     )
+    cfg = _launch_config(d, interpret, "dq")
     n_mblk = triton.cdiv(t, cfg.bm)
     dq = torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
     dr = torch.zeros(r.shape[0], h, d, device=q.device, dtype=torch.float32)
     du_part = torch.empty(b, h, n_mblk, d, device=q.device, dtype=torch.float32)
     dvb_part = torch.empty_like(du_part)
     kern._bwd_dq_kernel[(n_mblk, b * h)](
-        q, k, v, r, u, vb, colmin, do, lse, delta, dq, dr, du_part, dvb_part, *args, **meta
+        q,
+        k,
+        v,
+        r,
+        u,
+        vb,
+        colmin,
+        do,
+        lse,
+        delta,
+        dq,
+        dr,
+        du_part,
+        dvb_part,
+        *args,
+        **_meta(cfg, d, geom, q.dtype, interpret),
     )
     du = du_part.sum(dim=(0, 2))  # [H, D]
     dvb = dvb_part.sum(dim=(0, 2))
