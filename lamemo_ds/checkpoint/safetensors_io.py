@@ -213,6 +213,14 @@ def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None):
     return build_model(cfg, tensors, str(folder), dtype), data
 
 
+def check_output(out: str | Path, *, force: bool = False) -> None:
+    """Refuse to overwrite a non-empty output unless forced (checked before any work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"output {out} already exists and is not empty (pass --force to "
+                              "replace it)")
+
+
 @contextmanager
 def atomic_output(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out`; rename it to `out` only if the block succeeds.
@@ -221,9 +229,7 @@ def atomic_output(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     force (then it is replaced only after the new one is complete).
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CheckpointError(f"output {out} already exists and is not empty (pass --force to "
-                              "replace it)")
+    check_output(out, force=force)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -239,6 +245,9 @@ def atomic_output(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    for f in out.iterdir():  # safetensors writes 0600; exports are meant to be shared
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def human_bytes(n: float) -> str:
