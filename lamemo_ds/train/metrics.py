@@ -96,7 +96,7 @@ class Metrics:
         print(f"step {step:>7} | loss {s['train/loss']:.4f} | {self.unit} "
               f"{s[f'train/{self.unit}']:.3f} | lr {s['train/lr']:.2e} | gnorm "
               f"{s['train/grad_norm']:.3f} | {s['perf/target_tokens_per_s']:,.0f} tok/s | "
-              f"{s["perf/tflops"]:.3g} TFLOP/s | wait {100 * s['perf/data_wait_frac']:.1f}% | "
+              f"{s['perf/tflops']:.3g} TFLOP/s | wait {100 * s['perf/data_wait_frac']:.1f}% | "
               f"skipped {int(s['train/skipped_steps'])}", flush=True)
 
     def eval(self, step: int, split: str, result) -> None:

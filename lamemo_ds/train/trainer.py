@@ -26,7 +26,7 @@ from ..model import LaMemoLM
 from ..model.flops import segment_flops
 from ..parallel.engine import build_engine
 from .metrics import Metrics, Throughput, peak_tflops
-from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag, requeue_slurm
+from .signals import EXIT_OK, EXIT_PREEMPTED, StopFlag, requeue_slurm
 from .state import StateBank
 
 
