@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("lamemo_ds.commands.model_info",
                    "parameters, FLOPs per token and memory-state size of a config"),
     "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
+    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "convert": ("lamemo_ds.commands.convert", "convert checkpoints (deepspeed, consolidated, hf, "
                 "reference)"),
     "eval": ("lamemo_ds.commands.eval", "perplexity / bits per character of an exported model"),
