@@ -205,7 +205,7 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
         elif kind == "reference":
             files = write_reference(loaded, tmp, dtype=dtype)
         else:
-            from .deepspeed_io import write_deepspeed
+            from .deepspeed_write import write_deepspeed
 
             files = write_deepspeed(loaded, tmp, final=out, quiet=quiet,
                                     **(deepspeed_options or {}))

@@ -24,12 +24,15 @@ MODEL_STATES_3 = "zero_pp_rank_{r}_mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
 RUN_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "training_config.yaml")
 _STEP = re.compile(r"^step-(\d+)$")
+DS_TAG = "deepspeed"
 
 
 def resolve_step_dir(path: Path) -> Path:
-    """A step folder itself, or the newest step-N under a checkpoints folder (`latest` first)."""
-    if any(path.glob("*model_states.pt")):
+    """A step folder itself, or the newest step-N under a checkpoints or run folder."""
+    if any(path.glob("*model_states.pt")) or (path / "deepspeed").is_dir():
         return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
     latest = path / "latest"
     if latest.is_file():
         step = path / latest.read_text().strip()
@@ -42,6 +45,21 @@ def resolve_step_dir(path: Path) -> Path:
         raise CheckpointError(f"{path} holds no DeepSpeed checkpoint (no *_model_states.pt, no "
                               "`latest`, no step-N folder)")
     return steps[-1][1]
+
+
+def ds_folder(step: Path) -> Path:
+    """Where DeepSpeed's files are: step/deepspeed (`lamemo train`) or the folder itself."""
+    return step / DS_TAG if (step / DS_TAG).is_dir() else step
+
+
+def verify_manifest(step: Path) -> None:
+    """Sizes and sha256 of every file against the manifest `lamemo train` writes last."""
+    from .manager import MANIFEST, verify
+
+    if (step / MANIFEST).is_file() or (step / DS_TAG).is_dir():
+        reason = verify(step)
+        if reason is not None:
+            raise CheckpointError(f"{step}: {reason}")
 
 
 def _check_archive(path: Path) -> None:
@@ -124,7 +142,8 @@ def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name)
+        ds = ds_folder(step)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds.parent), tag=ds.name)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"cannot merge ZeRO-{info['zero_stage']} partitions in {step}: "
                               f"{e}") from e
@@ -151,7 +170,8 @@ def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bo
 
     step = resolve_step_dir(path)
     run_cfg = _run_config(step, run_config)
-    info = inspect(step)
+    verify_manifest(step)
+    info = inspect(ds_folder(step))
     if not quiet:
         print(f"read  {step}: ZeRO-{info['zero_stage']}, {info['world_size']} data-parallel "
               f"rank(s), {len(info['files'])} file(s) verified", flush=True)

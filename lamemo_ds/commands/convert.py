@@ -66,7 +66,8 @@ def run(args) -> int:
             import torch
 
             dtype = torch.float32
-        options = {"run_config": run_cfg, "world_size": args.world_size, "step": args.step}
+        options = {"run_config": run_cfg, "overrides": args.overrides,
+                   "world_size": args.world_size, "step": args.step}
         write_target(args.dst_format, loaded, args.output, dtype=dtype,
                      max_shard_bytes=parse_size(args.max_shard_size), force=args.force,
                      quiet=args.quiet, deepspeed_options=options)
