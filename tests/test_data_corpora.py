@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def _prep(tmp_path: Path, **kw) -> tuple[dict, Path]:
     out = tmp_path / "out"
-    kw.setdefault("shard_bytes", 4096)
+    kw.setdefault("shard_bytes", 16384)
     m, wrote = prepare(PrepareOptions(**kw), out, workers=1, progress=False)
     assert wrote
     return m, out
@@ -127,11 +127,14 @@ def test_files_tree_sorted_and_hash_split_deterministic(tmp_path):
         p = root / f"d{i % 3}" / f"f{i:02d}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"file {i}\n")
-    m1, out1 = _prep(tmp_path, corpus="files", input=str(root), valid_frac=0.2, test_frac=0.2)
+    m1, out1 = _prep(tmp_path, corpus="files", input=str(root), valid_frac=0.2, test_frac=0.2,
+                     tokenizer="word")
     m2, _ = prepare(PrepareOptions(corpus="files", input=str(root), valid_frac=0.2,
-                                   test_frac=0.2, shard_bytes=4096), tmp_path / "again",
+                                   test_frac=0.2, shard_bytes=16384, tokenizer="word"),
+                    tmp_path / "again",
                     workers=2, progress=False)
     assert sum(s["documents"] for s in m1.splits.values()) == 40
+    assert m1["tokenizer"]["id"] == m2["tokenizer"]["id"]
     assert all(m1.splits[s]["documents"] > 0 for s in ("train", "valid", "test"))
     for s in m1.splits:  # same bytes with 1 or 2 workers
         assert [r["sha256"] for r in m1.splits[s]["shards"]] == \

@@ -31,6 +31,7 @@ from .tokenizer import (
 )
 
 CORPORA = ("stdlib", "files", "books", "jsonl", "enwik8", "text8", "wikitext103")
+MIN_SHARD = 16 << 10
 _WORKER: dict = {}  # per worker process: the tokenizer, set once by the pool initializer
 
 
@@ -276,6 +277,8 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
             progress: bool = True) -> tuple[dict, bool]:
     """Prepare `out`; returns (manifest, wrote). An identical finished output is left alone."""
     out = Path(out)
+    if o.shard_bytes < MIN_SHARD:
+        raise PrepareError(f"--shard-size {o.shard_bytes} is below the minimum {MIN_SHARD} bytes")
     opts = _options_json(o)
     if (out / MANIFEST).is_file():
         old = load_manifest(out)
@@ -292,7 +295,8 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
     corpus = open_corpus(o, stats)
     tok = build_tokenizer(corpus, o, workers)
     tok_id = save_tokenizer(tok, out)
-    pool = _Pool(workers, _init_worker, (tok.spec(), str(out)))
+    # byte ids are a memcpy of the UTF-8 text: shipping pieces to workers costs more than it saves
+    pool = _Pool(1 if tok.kind == "byte" else workers, _init_worker, (tok.spec(), str(out)))
     t0, splits = time.perf_counter(), {}
     try:
         for split in corpus.splits:
