@@ -81,7 +81,11 @@ def build_modeling_source() -> str:
     wrapper = (pkg / "export" / "hf_wrapper.py").read_text()
     if not _DEV_BLOCK.search(wrapper):
         raise RuntimeError("export/hf_wrapper.py lost its '# --- lamemo_ds imports' block")
-    wrapper = _DEV_BLOCK.sub("", wrapper)
+    # the block's package imports go (their names are defined above); the sibling configuration
+    # import (one dot) stays: it is a file of the export folder too
+    wrapper = _DEV_BLOCK.sub(lambda m: "".join(
+        ln + "\n" for ln in m.group(0).splitlines() if ln.startswith("from .configuration_")),
+        wrapper)
     parts += [f"# {'=' * 20} lamemo_ds/export/hf_wrapper.py {'=' * 20}",
               "\n".join(ln for ln in wrapper.splitlines() if not _FUTURE.match(ln))]
     source = "\n".join(parts) + "\n"
