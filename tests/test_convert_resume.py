@@ -17,6 +17,7 @@ from lamemo_ds.model import LaMemoLM
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path):
     data = prepare_corpus(tmp_path / "data")
     cfg_path = write_config(tmp_path / "src.yaml", data, tmp_path / "unused",
