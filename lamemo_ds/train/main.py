@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -45,6 +46,8 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
     deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls torch collectives that torch marks deprecated: noise in every log
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     dist.init_distributed(denv, backend=plan.backend)
     device = dist.device_for(denv)
     comm = dist.Comm(device if plan.backend == "nccl" else None)
