@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("lamemo_ds.commands.model_info",
                    "parameters, FLOPs per token and memory-state size of a config"),
+    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
+    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "plan": ("lamemo_ds.commands.plan",
              "estimate memory, step time and communication of a cluster layout"),
 }
