@@ -106,9 +106,11 @@ def run_pipeline(cfg, plan, a) -> dict:
         loss, _ = train_batch(eng, items)
         losses.append(loss)
     io = eng.module.tied_modules["io"]
-    tied = {"word_emb": io.word_emb.emb_layers[0].weight.detach().clone()}
+    tied = {"word_emb": io.word_emb.emb_layers[0].weight.detach().clone(),
+            "biases": torch.cat([p.detach().flatten() for p in eng.module.ctx.biases.parameters()])}
+    owned = sorted(logical[id(p)] for p in eng.module.parameters() if not p.ds_pipe_replicated)
     return {"losses": losses, "grads": grads, "tied": tied, "stage": eng.stage_id,
-            "dp": dp_id}
+            "dp": dp_id, "owned": owned}
 
 
 def main() -> None:
