@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from lamemo_ds.config.derive import World, resolve
-from lamemo_ds.config.schema import ModelConfig, OptimConfig, ParallelConfig, RunConfig, \
-    TrainConfig
+from lamemo_ds.config.schema import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from lamemo_ds.model import LaMemoLM
 from lamemo_ds.parallel import dist
 
@@ -86,8 +85,7 @@ def run_reference(cfg, plan, a) -> dict:
 
 
 def run_pipeline(cfg, plan, a) -> dict:
-    from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, \
-        train_batch
+    from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
 
     torch.manual_seed(cfg.train.seed)
     model = LaMemoLM(cfg.model)

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from train_support import PY, RUNNER, env, free_port, losses, prepare_corpus, spawn, write_config
 
 from lamemo_ds.checkpoint.manager import step_dir_name
 from lamemo_ds.config.derive import World, resolve
@@ -13,8 +14,6 @@ from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError
 from lamemo_ds.model import LaMemoLM
 from lamemo_ds.parallel.pipeline_engine import logical_state_dict
-from train_support import PY, RUNNER, env, free_port, losses, prepare_corpus, spawn, \
-    write_config
 
 PIPE = {"pipeline_stages": 2, "zero_stage": 0}
 TRAIN = {"grad_accum": 2, "max_steps": 6}

@@ -3,7 +3,7 @@
 The stages are built from a LaMemoLM's own modules (so P = 1 and P > 1 start from the same
 weights and share parameter names):
 
-    [IOStage(embed)] [BiasStage] DecoderStage(0) ... | [BiasStage] DecoderStage(k) ... [IOStage(head)]
+    [IOStage(embed)] [BiasStage] DecoderStage(0) ... | [BiasStage] DecoderStage(k) .. [IOStage]
 
 - IOStage holds word_emb and crit (tied: the same TiedLayerSpec "io" on the first and last stage;
   the parameters the model itself shares between them are the tied weights). On stage 0 it embeds

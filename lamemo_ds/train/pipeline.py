@@ -25,8 +25,14 @@ from ..data.streams import OrderedStreams
 from ..evaluation import EvalResult
 from ..model import LaMemoLM
 from ..model.flops import segment_flops
-from ..parallel.pipeline_engine import (build_pipeline_engine, load_logical, logical_state_dict,
-                                        micro_batches, train_batch, write_layer_map)
+from ..parallel.pipeline_engine import (
+    build_pipeline_engine,
+    load_logical,
+    logical_state_dict,
+    micro_batches,
+    train_batch,
+    write_layer_map,
+)
 from .metrics import Metrics, peak_tflops
 from .trainer import Hooks, StepResult, Trainer, rng_state, seed_all, set_rng_state
 
