@@ -14,10 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("lamemo_ds.commands.model_info",
                    "parameters, FLOPs per token and memory-state size of a config"),
-    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
-    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "plan": ("lamemo_ds.commands.plan",
              "estimate memory, step time and communication of a cluster layout"),
+    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
+    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
 }
 
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lamemo", description="Pretrain LaMemo language models with DeepSpeed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `lamemo COMMAND --help` for the options of one command.")
+    # the deepspeed launcher passes --local_rank before the subcommand (LOCAL_RANK is read instead)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

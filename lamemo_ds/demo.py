@@ -26,7 +26,7 @@ DEMO_CONFIG: dict = {
               "mem_len": 64},
     "data": {"path": "demo/data"},
     "optim": {"lr": 0.002, "schedule": "cosine", "warmup_steps": 20},
-    "train": {"micro_batch_size": 8, "grad_accum": 1, "max_steps": 300, "log_interval": 25,
+    "train": {"micro_batch_size": 8, "grad_accum": 1, "max_steps": 200, "log_interval": 25,
               "eval_interval": 0, "eval_max_segments": 20, "output_dir": "demo/run"},
     "eval": {"batch_size": 8},
     "parallel": {"zero_stage": 2},

@@ -29,25 +29,34 @@ def _ok(results) -> None:
         assert r.returncode == 0, r.stdout[-3000:]
 
 
-def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
+BASE = dict(train={"max_steps": 6}, checkpoint={"interval": 3})  # 2 ranks, ZeRO-2, micro 2
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    """One uninterrupted 2-rank ZeRO-2 run shared by the resume, DP and ZeRO tests."""
+    work = tmp_path_factory.mktemp("baseline")
+    _ok(spawn(write_config(work / "a.yaml", data, work / "run", **BASE)))
+    return work / "run"
+
+
+def test_resume_is_bit_exact_after_kill_9(data, baseline, tmp_path):
     """6 steps straight == 3 steps, checkpoint, kill -9 of rank 1 in step 4, resume to 6."""
-    run = dict(train={"max_steps": 6}, checkpoint={"interval": 3})
-    a = write_config(tmp_path / "a.yaml", data, tmp_path / "a", **run)
-    _ok(spawn(a))
-    b = write_config(tmp_path / "b.yaml", data, tmp_path / "b", **run)
+    b = write_config(tmp_path / "b.yaml", data, tmp_path / "b", **BASE)
     killed = spawn(b, args=("--kill-at", "4", "--fault-rank", "1"))
     assert killed[1].returncode == -9 and killed[0].returncode != 0
     assert max(losses(tmp_path / "b")) == 4  # it got past the checkpoint before dying
     resumed = spawn(b)
     _ok(resumed)
     assert "resumed from" in resumed[0].stdout and "step-00000003" in resumed[0].stdout
-    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    la, lb = losses(baseline), losses(tmp_path / "b")
     assert list(la) == list(range(1, 7))
     assert all(la[s] == lb[s] for s in la), (la, lb)  # == on purpose: bit-exact
-    pa, pb = model_states(tmp_path / "a", 6), model_states(tmp_path / "b", 6)
+    pa, pb = model_states(baseline, 6), model_states(tmp_path / "b", 6)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+@pytest.mark.slow
 def test_crash_during_save_and_corrupt_shard_fall_back(data, tmp_path):
     """Killed while writing the step-3 manifest -> step 2; a corrupt step-2 shard -> step 1."""
     c = write_config(tmp_path / "c.yaml", data, tmp_path / "run", train={"max_steps": 3},
@@ -94,26 +103,24 @@ def test_signal_to_one_rank_and_nan_on_one_rank(data, tmp_path):
             assert all(torch.isfinite(t.float()).all() for t in slot.values())
 
 
-def test_dp2_equals_dp1_with_same_global_batch(data, tmp_path):
+def test_dp2_equals_dp1_with_same_global_batch(data, baseline, tmp_path):
+    """1 rank × 2 accumulated micro-batches == 2 ranks × 1 (the baseline), memory carried."""
     one = write_config(tmp_path / "1.yaml", data, tmp_path / "dp1",
-                       train={"micro_batch_size": 2, "grad_accum": 2})
-    two = write_config(tmp_path / "2.yaml", data, tmp_path / "dp2",
-                       train={"micro_batch_size": 2, "grad_accum": 1})
+                       train={"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2})
     _ok(spawn(one, nproc=1))
-    _ok(spawn(two, nproc=2))
-    l1, l2 = losses(tmp_path / "dp1"), losses(tmp_path / "dp2")
-    assert list(l1) == list(l2) == [1, 2, 3, 4, 5]
+    l1, l2 = losses(tmp_path / "dp1"), losses(baseline)
+    assert list(l1) == list(l2) == [1, 2, 3, 4, 5, 6]
     for s in l1:
         assert l1[s] == pytest.approx(l2[s], rel=2e-6, abs=2e-6), (s, l1, l2)
-    assert len(set(l1.values())) == 5  # memory and updates make every step differ
+    assert len(set(l1.values())) == 6  # memory and updates make every step differ
 
 
 @pytest.mark.slow
-def test_zero_stages_give_the_same_losses(data, tmp_path):
-    runs = {}
-    for stage in (0, 1, 2, 3):  # stage 3 also checks tied embedding/softmax weights
+def test_zero_stages_give_the_same_losses(data, baseline, tmp_path):
+    runs = {2: losses(baseline)}
+    for stage in (0, 1, 3):  # stage 3 also checks tied embedding/softmax weights
         c = write_config(tmp_path / f"z{stage}.yaml", data, tmp_path / f"z{stage}",
-                         parallel={"zero_stage": stage})
+                         parallel={"zero_stage": stage}, **BASE)
         _ok(spawn(c))
         runs[stage] = losses(tmp_path / f"z{stage}")
     for stage in (0, 1, 3):
