@@ -45,7 +45,7 @@ def test_cpu_rejects_nccl_and_fp16():
 
 def test_pipeline_rejected_with_key():
     with pytest.raises(ConfigError, match="parallel.pipeline_stages"):
-        resolve(cfg("parallel.pipeline_stages=2"), World(world_size=2))
+        resolve(cfg("parallel.pipeline_stages=3"), World(world_size=2))  # does not divide
 
 
 def test_eval_protocols():

@@ -80,10 +80,15 @@ def resolve(cfg: RunConfig, world: World) -> Plan:
     t, p = cfg.train, cfg.parallel
     if world.world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world.world_size}")
-    if p.pipeline_stages != 1:
+    if p.pipeline_stages > 1 and p.zero_stage > 1:
         raise ConfigError(
-            f"parallel.pipeline_stages: `lamemo train` runs data parallel only (ZeRO 0-3); got "
-            f"{p.pipeline_stages}. Set parallel.pipeline_stages=1")
+            f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_stages="
+            f"{p.pipeline_stages}: DeepSpeed allows only ZeRO 0 or 1 with pipelines; use "
+            "zero_stage 0/1 with pipeline_stages > 1, or pipeline_stages=1 with ZeRO 2/3")
+    if p.pipeline_stages > cfg.model.n_layer:
+        raise ConfigError(
+            f"parallel.pipeline_stages={p.pipeline_stages} exceeds model.n_layer="
+            f"{cfg.model.n_layer}: every stage needs at least one layer")
     if world.world_size % p.pipeline_stages:
         raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages} does not divide the "
                           f"world size {world.world_size}")

@@ -59,6 +59,8 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
+    if plan.pp_size > 1:  # pipeline parallelism: stage-local memory (train/pipeline.py)
+        from .pipeline import PipelineTrainer as Trainer
     trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
                       slurm_job_id=dist.slurm_job_id())
     try:

@@ -1,0 +1,326 @@
+"""LaMemo / XL as a DeepSpeed PipelineModule with stage-local recurrent memory.
+
+The stages are built from a LaMemoLM's own modules (so P = 1 and P > 1 start from the same
+weights and share parameter names):
+
+    [IOStage(embed)] [BiasStage] DecoderStage(0) ... | [BiasStage] DecoderStage(k) .. [IOStage]
+
+- IOStage holds word_emb and crit (tied: the same TiedLayerSpec "io" on the first and last stage;
+  the parameters the model itself shares between them are the tied weights). On stage 0 it embeds
+  the tokens and owns the embedding memory and the valid-row counts; on the last stage it returns
+  the final hidden rows and `loss_fn` applies crit.
+- BiasStage carries the layer-shared biases u, v, v' (TiedLayerSpec "biases", one per stage);
+  it passes activations through and the stage's DecoderStages read it. With model.untie_r every
+  layer owns its biases and there is no BiasStage.
+- DecoderStage(i) runs DecoderLayer i with its own memory (ctx/lse or the XL hidden) taken from
+  its per-slot bank, optionally under non-reentrant activation checkpointing with the old state
+  as an explicit argument.
+
+Between stages flows exactly one float tensor with gradient, h [B, M+N, d] (lamemo: the
+refreshed memory rows, then the current rows; xl/none: [B, N, d], their memory is stage-local)
+and meta [B, 2] int64 = (slot, valid memory rows). Position tables are recomputed per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config.schema import ModelConfig
+from ..model import LaMemoLM
+from ..model.memory import empty_state, keep_last
+from ..model.positional import SinusoidTable
+from .pipeline_state import SlotBank, fits
+
+
+@dataclass(frozen=True)
+class Window:
+    """Memory length and attention protocol of one mode (training or evaluation)."""
+
+    mem_len: int
+    clamp_len: int
+    same_length: bool
+
+
+@dataclass
+class StageContext:
+    """What every stage module on a rank shares (not a module: no parameters, no state dict)."""
+
+    cfg: ModelConfig
+    train: Window
+    eval: Window
+    activation_checkpointing: bool = False
+    biases: nn.Module | None = None  # this rank's BiasStage, linked after the build
+    alphas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> last mean alpha
+
+    def window(self, training: bool) -> Window:
+        w = self.train if training else self.eval
+        return w if self.cfg.memory != "none" else Window(0, w.clamp_len, w.same_length)
+
+
+class ModelSource:
+    """The LaMemoLM the stage modules take their submodules from; released after the build."""
+
+    def __init__(self, model: LaMemoLM):
+        self.model: LaMemoLM | None = model
+
+    def take(self, name: str) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("ModelSource was released; build the PipelineModule before that")
+        return self.model.get_submodule(name)
+
+    def release(self) -> None:
+        self.model = None
+
+
+def _empty(cfg: ModelConfig, *, batch: int, mem_len: int, like: torch.Tensor):
+    return empty_state(cfg.memory, batch_size=batch, mem_len=mem_len, n_layer=1,
+                       d_model=cfg.d_model, n_head=cfg.n_head, d_head=cfg.d_head,
+                       dtype=like.dtype, device=like.device)
+
+
+class IOStage(nn.Module):
+    """Embedding (stage 0, with the embedding memory) and output head (last stage), tied."""
+
+    def __init__(self, source: ModelSource, ctx: StageContext):
+        super().__init__()
+        self.word_emb = source.take("word_emb")
+        self.crit = source.take("crit")
+        self.drop = nn.Dropout(ctx.cfg.dropout)
+        self.bank = SlotBank()
+        self.ctx = ctx
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]):
+        if x[0].is_floating_point():  # the last stage: (hidden [B,N,d], meta)
+            return self.drop(x[0])
+        return self.embed(*x)
+
+    def embed(self, tokens: torch.Tensor, ctrl: torch.Tensor):
+        """tokens [B, N] int64; ctrl [B, 2] int64 = (slot, reset) -> (h [B, M+N, d], meta)."""
+        cfg, w = self.ctx.cfg, self.ctx.window(self.training)
+        b, n = tokens.shape
+        slot = int(ctrl[0, 0])
+        emb = self.drop(self.word_emb(tokens))  # [B, N, d]
+        st = self.bank.get(self.training, slot)
+        if not fits(st, batch=b, mem_len=w.mem_len):
+            st = _empty(cfg, batch=b, mem_len=w.mem_len, like=emb).tensors()
+        valid = torch.where(ctrl[:, 1].bool(), torch.zeros_like(st["valid"]), st["valid"])
+        h = emb
+        new = {"valid": torch.clamp(valid + n, max=w.mem_len)}
+        if cfg.memory == "lamemo" and w.mem_len > 0:
+            h = torch.cat([st["emb"], emb], 1)  # [B, M+N, d]
+            new["emb"] = keep_last(st["emb"], emb, w.mem_len)
+        self.bank.put(self.training, slot, new)
+        meta = torch.stack([torch.full_like(valid, slot), valid], 1)  # [B, 2]
+        return h, meta
+
+
+class BiasStage(nn.Module):
+    """The layer-shared biases u, v, v' on one stage; activations pass through unchanged."""
+
+    def __init__(self, source: ModelSource):
+        super().__init__()
+        self.biases = source.take("biases")
+
+    def forward(self, x):
+        return x
+
+
+class DecoderStage(nn.Module):
+    """DecoderLayer `index` with its stage-local per-slot memory."""
+
+    def __init__(self, source: ModelSource, index: int, ctx: StageContext):
+        super().__init__()
+        self.layer = source.take(f"layers.{index}")
+        self.index = index
+        self.last = index == ctx.cfg.n_layer - 1
+        self.config = ctx.cfg  # position_table() reads config, pos_emb and drop
+        self.pos_emb = SinusoidTable(ctx.cfg.d_model)
+        self.drop = nn.Dropout(ctx.cfg.dropout)
+        self.bank = SlotBank()
+        self.ctx = ctx
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]):
+        h, meta = x  # h [B, M+N, d] (lamemo) or [B, N, d]; meta [B, 2]
+        cfg, w = self.ctx.cfg, self.ctx.window(self.training)
+        m, slot, valid = w.mem_len, int(meta[0, 0]), meta[:, 1]
+        b = h.shape[0]
+        lam, xl = cfg.memory == "lamemo" and m > 0, cfg.memory == "xl" and m > 0
+        cur = h[:, m:] if lam else h  # [B, N, d]
+        st = self.bank.get(self.training, slot)
+        if (lam or xl) and not fits(st, batch=b, mem_len=m):
+            st = {k.split(".")[0]: v for k, v in _empty(cfg, batch=b, mem_len=m, like=h)
+                  .tensors().items()}
+        mem = h[:, :m] if lam else (st["hidden"] if xl else None)  # [B, M, d]
+        pos = LaMemoLM.position_table(self, mem_len=m, seg_len=cur.shape[1],
+                                      clamp_len=w.clamp_len, device=h.device, dtype=h.dtype)
+        biases = self.ctx.biases() if self.ctx.biases is not None else None
+        args = (cur, mem, pos, biases, valid, st["ctx"] if lam else None,
+                st["lse"] if lam else None)
+        kwargs = dict(same_length=w.same_length, need_mem_out=not self.last)
+        if self.ctx.activation_checkpointing and self.training:
+            out = checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+        else:
+            out = self.layer(*args, **kwargs)
+        if lam:
+            self.bank.put(self.training, slot, {"ctx": out.ctx, "lse": out.lse})
+            self.ctx.alphas[self.index] = out.alpha
+        elif xl:
+            self.bank.put(self.training, slot, {"hidden": keep_last(mem, cur, m)})
+        if lam and not self.last:
+            return torch.cat([out.mem, out.cur], 1), meta  # [B, M+N, d]
+        return out.cur, meta
+
+
+def stage_layout(n_layer: int, stages: int) -> list[int]:
+    """Decoder layers per stage, balanced; the extra layers go to the earliest stages (the last
+    stage also runs the softmax)."""
+    if stages < 1 or n_layer < stages:
+        raise ValueError(f"cannot split {n_layer} layers into {stages} pipeline stages: "
+                         "every stage needs at least one layer (lower parallel.pipeline_stages)")
+    base, extra = divmod(n_layer, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One entry of the layer list: its kind and the LaMemoLM prefix its parameters map to."""
+
+    kind: str  # "io", "biases" or "decoder"
+    logical: str  # e.g. "layers.3" (decoder), "" (io, biases keep their own names)
+    local_prefix: str  # prefix of the stage module's own state-dict keys ("layer." for decoder)
+
+
+def build_specs(source: ModelSource, ctx: StageContext, stages: int):
+    """(specs, parts, entries): the layer list, the stage boundaries, and the layer map."""
+    cfg = ctx.cfg
+    tied = _tied_names(source)
+    specs, entries, parts, layer = [], [], [0], 0
+    for s, count in enumerate(stage_layout(cfg.n_layer, stages)):
+        if s == 0:
+            specs.append(TiedLayerSpec("io", IOStage, source, ctx, tied_weight_attr=tied))
+            entries.append(LayerEntry("io", "", ""))
+        if not cfg.untie_r:
+            specs.append(TiedLayerSpec("biases", BiasStage, source,
+                                       tied_weight_attr=_param_names(source, "biases")))
+            entries.append(LayerEntry("biases", "biases", "biases"))
+        for _ in range(count):
+            specs.append(LayerSpec(DecoderStage, source, layer, ctx))
+            entries.append(LayerEntry("decoder", f"layers.{layer}", "layer"))
+            layer += 1
+        if s == stages - 1:
+            specs.append(TiedLayerSpec("io", IOStage, source, ctx, tied_weight_attr=tied))
+            entries.append(LayerEntry("io", "", ""))
+        parts.append(len(specs))
+    return specs, parts, entries
+
+
+def _param_names(source: ModelSource, prefix: str) -> list[str]:
+    return [f"{prefix}.{n}" for n, _ in source.take(prefix).named_parameters()]
+
+
+def _tied_names(source: ModelSource) -> list[str]:
+    """word_emb parameters the head uses too (tie_weight / tie_projs): the tied weights."""
+    crit = {id(p) for p in source.take("crit").parameters()}
+    return [f"word_emb.{n}" for n, p in source.take("word_emb").named_parameters()
+            if id(p) in crit]
+
+
+class LaMemoPipe(PipelineModule):
+    """The PipelineModule of a LaMemoLM with stage-local memory (see the module docstring)."""
+
+    def __init__(self, model: LaMemoLM, *, stages: int, dp: int, train: Window, eval: Window,
+                 activation_checkpointing: bool = False):
+        self.ctx = StageContext(cfg=model.config, train=train, eval=eval,
+                                activation_checkpointing=activation_checkpointing)
+        source = ModelSource(model)
+        specs, parts, entries = build_specs(source, self.ctx, stages)
+        object.__setattr__(self, "_lamemo_parts", parts)
+        topo = PipeModelDataParallelTopology(num_pp=stages, num_mp=1, num_dp=dp)
+        with torch.no_grad():  # the tied-weight broadcast must not enter autograd
+            super().__init__(layers=specs, topology=topo, partition_method="lamemo",
+                             activation_checkpoint_interval=0)
+        source.release()
+        self.entries = entries
+        self.loss_fn = self._loss
+        if "biases" in self.tied_modules:
+            self.ctx.biases = self.tied_modules["biases"].biases
+        if "io" in self.tied_modules:
+            self._mark_io_owners(self.tied_modules["io"])
+        for p in self.parameters():
+            # DeepSpeed's fp32 clipping counts a later stage's gradient in the global norm only
+            # for "model parallel" parameters; every parameter a stage owns is one of those
+            p.model_parallel = not p.ds_pipe_replicated
+
+    def _mark_io_owners(self, io: IOStage) -> None:
+        """Count each IOStage parameter once in the global gradient norm (clipping).
+
+        DeepSpeed marks every parameter of a tied module on the later stage as a replica; but
+        only the tied weights are replicas here: word_emb belongs to stage 0 and the
+        softmax-only parameters (cluster and output biases) to the last stage.
+        """
+        emb = {id(p) for p in io.word_emb.parameters()}
+        first = self.stage_id == 0
+        for p in io.parameters():
+            p.ds_pipe_replicated = (id(p) in emb) != first
+
+    def _partition_layers(self, method: str = "lamemo") -> None:
+        """Stage boundaries from stage_layout (balanced by decoder layers), not DeepSpeed's."""
+        self.parts = list(self._lamemo_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean NLL of the last stage's hidden rows [B, N, d] against targets [B, N]."""
+        return self.tied_modules["io"].crit.nll(hidden, targets).mean()
+
+    def materialize_tied_grads(self) -> None:
+        """Zero gradients for tied weights that have none yet.
+
+        A stage may not use every tied weight (the last layer's look-ahead bias v' feeds only
+        the detached memory state), but DeepSpeed all-reduces a tied gradient only where it
+        exists: the stages would issue different collectives and hang. Call before each step.
+        """
+        for weight, _ in self.get_tied_weights_and_groups():
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+
+    # -- memory -----------------------------------------------------------------------------
+    def local_banks(self) -> dict[int, SlotBank]:
+        """Global layer-list index -> bank of every stage module on this rank that has one."""
+        out = {}
+        for i, f in enumerate(self.forward_funcs):
+            if isinstance(f, (IOStage, DecoderStage)):
+                out[self._local_start + i] = f.bank
+        return out
+
+    def commit_memory(self, applied: bool) -> None:
+        """Keep the memory of a step that was applied; drop it when the step was skipped."""
+        for bank in self.local_banks().values():
+            bank.commit() if applied else bank.discard()
+
+    def reset_memory(self, mode: str) -> None:
+        for bank in self.local_banks().values():
+            bank.reset(mode)
+
+    def memory_state_dict(self) -> dict:
+        return {idx: bank.state_dict() for idx, bank in self.local_banks().items()}
+
+    def load_memory_state_dict(self, d: dict, device: torch.device) -> None:
+        banks = self.local_banks()
+        if set(d) != set(banks):
+            raise ValueError(f"memory for layers {sorted(d)} does not match this stage's "
+                             f"layers {sorted(banks)}")
+        for idx, bank in banks.items():
+            bank.load_state_dict(d[idx], device)
+
+    # -- names ------------------------------------------------------------------------------
+    def layer_map(self) -> dict[str, dict]:
+        """layer file index -> the logical (LaMemoLM) names of its parameters (checkpoints)."""
+        return {f"{i:02d}": {"kind": e.kind, "logical": e.logical, "local_prefix": e.local_prefix,
+                             "stage": self.stage_owner(i)} for i, e in enumerate(self.entries)}

@@ -1,0 +1,180 @@
+"""The training loop under pipeline parallelism (parallel.pipeline_stages > 1).
+
+Same job as `Trainer` (fit/_loop, metrics, signals and the checkpoint manager are inherited);
+what differs is how a step, an evaluation and the per-rank state are made:
+- a step is `engine.train_batch` over the step's micro-batches (slot m = micro-batch m), and the
+  memory it wrote is committed on every stage only if every rank applied the step;
+- evaluation runs `engine.eval_batch` with the stages' separate eval banks;
+- the per-rank checkpoint state holds this stage's memory; the DeepSpeed folder holds the layer
+  files plus layer_map.json. A checkpoint of another layout (P or world size changed, or a
+  data-parallel one) loads its weights through the layer map, restarts the optimizer moments,
+  resets memory and re-partitions the streams, and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..checkpoint.manager import DS_TAG, CheckpointManager
+from ..config.derive import Plan
+from ..config.schema import RunConfig
+from ..data.streams import OrderedStreams
+from ..evaluation import EvalResult
+from ..model import LaMemoLM
+from ..model.flops import segment_flops
+from ..parallel.pipeline_engine import (
+    build_pipeline_engine,
+    load_logical,
+    logical_state_dict,
+    micro_batches,
+    train_batch,
+    write_layer_map,
+)
+from .metrics import Metrics, peak_tflops
+from .trainer import Hooks, StepResult, Trainer, rng_state, seed_all, set_rng_state
+
+
+class PipelineTrainer(Trainer):
+    """Trainer whose engine is a DeepSpeed PipelineEngine over `LaMemoPipe` stages."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device,
+                 hooks: Hooks | None = None, slurm_job_id: str | None = None):
+        self.cfg, self.plan, self.comm, self.device = cfg, plan, comm, device
+        self.hooks = hooks or Hooks()
+        self.slurm_job_id = slurm_job_id
+        self.rank = comm.rank
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        self.step, self.skipped_total, self.consecutive_skips = 0, 0, 0
+        self.last_loss = float("nan")
+        seed_all(cfg.train.seed)  # identical initial parameters on every rank (= P=1 weights)
+        self.bundle = build_pipeline_engine(LaMemoLM(cfg.model).to(device), cfg, plan,
+                                            cuda=device.type == "cuda")
+        self.engine = self.bundle.engine
+        self.pipe = self.engine.module
+        self.dp_rank = self.engine.grid.data_parallel_id  # stages of a replica read alike
+        seed_all(cfg.train.seed + 7919 * (self.rank + 1))
+        self.loader = OrderedStreams(
+            cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
+            dp_rank=self.dp_rank, dp_size=plan.dp_size, seed=cfg.train.seed,
+            random_roll=cfg.data.random_roll, prefetch=cfg.data.prefetch)
+        unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
+        self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
+                               tensorboard=cfg.logging.tensorboard, unit=unit)
+        self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
+                                      keep_last=cfg.checkpoint.keep_last, comm=comm,
+                                      log=self.log, on_phase=self.hooks.save_phase)
+        self.flops_per_token = segment_flops(cfg.model).per_target_token
+        self.peak = peak_tflops(cfg.logging.peak_tflops)
+
+    # ------------------------------------------------------------------------- one step
+    def train_step(self, stop_requested: bool) -> StepResult:
+        t0 = time.perf_counter()
+        batch = next(self.loader)  # every stage reads it: identical loader state everywhere
+        wait = time.perf_counter() - t0
+        items = micro_batches(batch.input.to(self.device), batch.target.to(self.device),
+                              batch.reset.to(self.device), micro_batch=self.plan.micro_batch)
+        loss, applied = train_batch(self.engine, items)
+        if applied and not math.isfinite(loss):
+            raise RuntimeError(f"step {self.step + 1}: non-finite loss {loss} but DeepSpeed "
+                               "applied the update; parameters may be corrupt")
+        self.last_loss = loss
+        gn = self.engine.get_global_grad_norm()
+        return StepResult(loss=loss, skipped=not applied,
+                          grad_norm=float(gn) if gn is not None else float("nan"),
+                          stop=self.comm.any(stop_requested), wait_s=wait)
+
+    # ------------------------------------------------------------------------- evaluation
+    def evaluate(self, split: str, *, max_segments: int = 0) -> EvalResult:
+        """Loss over `split` from empty eval banks; the training memory is left untouched."""
+        ev = self.plan.eval
+        loader = OrderedStreams(
+            self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
+            dp_rank=self.dp_rank, dp_size=self.plan.dp_size, prefetch=self.cfg.data.prefetch,
+            loop=False)
+        by_index: dict[int, list[float]] = {}
+        self.pipe.reset_memory("eval")
+        self.engine.reset_activation_shape()  # eval shapes (mem_len, rows) may differ
+        try:
+            for i, b in enumerate(loader):
+                if max_segments and i >= max_segments:
+                    break
+                items = micro_batches(b.input.to(self.device), b.target.to(self.device),
+                                      b.reset.to(self.device), micro_batch=ev.batch_size)
+                loss = self.engine.eval_batch(iter(items), num_micro_batches=1)
+                by_index.setdefault(int(b.index), []).append(float(loss))
+        finally:
+            loader.close()
+            self.engine.reset_activation_shape()
+            self.pipe.reset_memory("eval")
+        losses = [v for vals in by_index.values() for v in vals]
+        tokens = len(losses) * ev.batch_size * ev.segment_len * self.plan.dp_size
+        by_seg = [sum(by_index[k]) / len(by_index[k]) for k in sorted(by_index)]
+        return EvalResult(loss=sum(losses) / max(len(losses), 1), tokens=tokens,
+                          by_segment=by_seg)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def rank_state(self) -> dict:
+        return {"step": self.step, "world_size": self.comm.world_size,
+                "pipeline_stages": self.plan.pp_size, "rows_per_rank": self.plan.rows_per_rank,
+                "memory": self.pipe.memory_state_dict(), "loader": self.loader.state_dict(),
+                "rng": rng_state(), "counters": {"skipped_total": self.skipped_total,
+                                                 "consecutive_skips": self.consecutive_skips}}
+
+    def _layout(self) -> dict:
+        return {"world_size": self.comm.world_size, "pipeline_stages": self.plan.pp_size,
+                "dp_size": self.plan.dp_size, "micro_batch": self.plan.micro_batch,
+                "grad_accum": self.plan.grad_accum, "parts": list(self.pipe.parts)}
+
+    def save(self) -> None:
+        def save_ds(folder: str, tag: str) -> None:
+            self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+            if self.rank == 0:
+                write_layer_map(self.pipe, f"{folder}/{tag}")
+
+        meta = dict(self._layout(), zero_stage=self.plan.zero_stage,
+                    precision=self.plan.precision, model_memory=self.cfg.model.memory,
+                    time=time.time())
+        from ..config.load import dump_config
+
+        path = self.ckpt.save(self.step, save_deepspeed=save_ds, rank_state=self.rank_state(),
+                              config_text=dump_config(self.cfg), meta=meta)
+        self.log(f"checkpoint {path} (step {self.step})")
+
+    def resume(self) -> bool:
+        """Load the newest verified checkpoint; True when one was loaded."""
+        found = self.ckpt.find_latest()
+        if found is None:
+            return False
+        old = {k: found.meta.get(k, 1 if k == "pipeline_stages" else None)
+               for k in ("world_size", "pipeline_stages", "micro_batch", "grad_accum")}
+        now = {k: v for k, v in self._layout().items() if k in old}
+        if old == now:
+            loaded, _ = self.engine.load_checkpoint(str(found.path), tag=DS_TAG)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load {found.path}/{DS_TAG}")
+            st = self.ckpt.load_rank_state(found, self.rank)
+            self.pipe.load_memory_state_dict(st["memory"], self.device)
+            self.loader.load_state_dict(st["loader"])
+            set_rng_state(st["rng"])
+        else:
+            st = self._resume_other_layout(found, old, now)
+        self.step = found.step
+        self.skipped_total = st["counters"]["skipped_total"]
+        self.consecutive_skips = st["counters"]["consecutive_skips"]
+        self.log(f"resumed from {found.path} at step {self.step}")
+        return True
+
+    def _resume_other_layout(self, found, old: dict, now: dict) -> dict:
+        load_logical(self.pipe, logical_state_dict(found.path / DS_TAG))
+        for _ in range(found.step):  # the schedule continues where it was
+            self.bundle.scheduler.step()
+        st = self.ckpt.load_rank_state(found, 0)
+        self.loader.load_state_dict(st["loader"])  # re-partitions the streams
+        self.pipe.reset_memory("train")
+        seed_all(self.cfg.train.seed + 7919 * (self.rank + 1) + found.step)
+        self.log(f"resume: layout changed ({old} -> {now}): weights loaded through the layer "
+                 "map, optimizer moments restarted, memory reset, streams re-partitioned")
+        return st

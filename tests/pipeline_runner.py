@@ -1,0 +1,143 @@
+"""One rank of the pipeline equivalence tests (started by tests/test_pipeline_equivalence.py).
+
+`--stages 1`: the data-parallel DeepSpeed engine (one process holds every stream);
+`--stages P`: the pipeline engine. Both train the same identically seeded model for `--steps`
+steps on the same seeded random streams with memory carried, and write to `--out`:
+losses (per step), the gradient of every parameter at step 1 under its LaMemoLM name, and the
+tied weights of this rank after the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lamemo_ds.config.derive import World, resolve
+from lamemo_ds.config.schema import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
+from lamemo_ds.model import LaMemoLM
+from lamemo_ds.parallel import dist
+
+
+def make_cfg(a) -> RunConfig:
+    model = ModelConfig(vocab_size=64, n_layer=a.layers, n_head=2, d_model=16, d_head=8,
+                        d_inner=32, dropout=0.0, memory=a.memory, segment_len=6, mem_len=5,
+                        attention_impl="eager", cutoffs=(32,) if a.adaptive else (),
+                        div_val=2 if a.adaptive else 1)
+    train = TrainConfig(micro_batch_size=a.micro, grad_accum=a.accum, max_steps=a.steps,
+                        seed=7, activation_checkpointing=a.ckpt, grad_clip=0.25)
+    return RunConfig(model=model, optim=OptimConfig(lr=1e-3, schedule="constant"), train=train,
+                     parallel=ParallelConfig(zero_stage=a.zero, pipeline_stages=a.stages))
+
+
+def step_data(step: int, *, streams: int, seg_len: int, vocab: int):
+    """Tokens of every global stream for `step` ([S, N] inputs and targets), seeded."""
+    g = torch.Generator().manual_seed(1000 + step)
+    t = torch.randint(0, vocab, (streams, seg_len + 1), generator=g)
+    return t[:, :-1], t[:, 1:]
+
+
+def capture_grads(engine, names: dict[int, str], into: dict) -> None:
+    """Record every parameter's gradient when the first optimizer step runs."""
+    opt = engine.optimizer
+    inner = opt.step
+
+    def step(*args, **kwargs):
+        if not into:
+            for p in (q for g in opt.param_groups for q in g["params"]):
+                if p.grad is not None and id(p) in names:
+                    into[names[id(p)]] = p.grad.detach().clone()
+        return inner(*args, **kwargs)
+
+    opt.step = step
+
+
+def run_reference(cfg, plan, a) -> dict:
+    from lamemo_ds.parallel.engine import build_engine
+
+    torch.manual_seed(cfg.train.seed)
+    model = LaMemoLM(cfg.model)
+    model.activation_checkpointing = a.ckpt
+    names = {id(p): n for n, p in model.named_parameters()}
+    bundle = build_engine(model, cfg, plan, cuda=False)
+    eng, grads, losses = bundle.engine, {}, []
+    capture_grads(eng, names, grads)
+    mb = plan.micro_batch
+    states = [model.init_state(mb) for _ in range(plan.grad_accum)]
+    for step in range(a.steps):
+        x, y = step_data(step, streams=plan.global_batch, seg_len=cfg.model.segment_len,
+                         vocab=cfg.model.vocab_size)
+        total = 0.0
+        for m in range(plan.grad_accum):
+            rows = slice(m * mb, (m + 1) * mb)
+            out = eng(x[rows], states[m], targets=y[rows], return_logits=False)
+            eng.backward(out.loss)
+            eng.step()
+            states[m] = out.state
+            total += out.loss.item()
+        losses.append(total / plan.grad_accum)
+    tied = {"word_emb": model.word_emb.emb_layers[0].weight.detach().clone()}
+    return {"losses": losses, "grads": grads, "tied": tied}
+
+
+def run_pipeline(cfg, plan, a) -> dict:
+    from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
+
+    torch.manual_seed(cfg.train.seed)
+    model = LaMemoLM(cfg.model)
+    logical = {id(p): n for n, p in model.named_parameters()}
+    bundle = build_pipeline_engine(model, cfg, plan, cuda=False)
+    eng, grads, losses = bundle.engine, {}, []
+    capture_grads(eng, logical, grads)
+    rows = plan.rows_per_rank
+    dp_id = eng.grid.data_parallel_id
+    for step in range(a.steps):
+        x, y = step_data(step, streams=plan.global_batch, seg_len=cfg.model.segment_len,
+                         vocab=cfg.model.vocab_size)
+        mine = slice(dp_id * rows, (dp_id + 1) * rows)
+        reset = torch.full((rows,), step == 0)
+        items = micro_batches(x[mine], y[mine], reset, micro_batch=plan.micro_batch)
+        loss, _ = train_batch(eng, items)
+        losses.append(loss)
+    io = eng.module.tied_modules["io"]
+    tied = {"word_emb": io.word_emb.emb_layers[0].weight.detach().clone(),
+            "biases": torch.cat([p.detach().flatten() for p in eng.module.ctx.biases.parameters()])}
+    owned = sorted(logical[id(p)] for p in eng.module.parameters() if not p.ds_pipe_replicated)
+    return {"losses": losses, "grads": grads, "tied": tied, "stage": eng.stage_id,
+            "dp": dp_id, "owned": owned}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--memory", default="lamemo")
+    p.add_argument("--ckpt", action="store_true")
+    p.add_argument("--adaptive", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--watchdog", type=float, default=150.0)
+    a = p.parse_args()
+    faulthandler.dump_traceback_later(a.watchdog, exit=True)  # a hang fails loudly
+    torch.set_num_threads(1)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    denv = dist.discover()
+    cfg = make_cfg(a)
+    plan = resolve(cfg, World(world_size=denv.world_size))
+    dist.init_distributed(denv, backend="gloo")
+    result = run_pipeline(cfg, plan, a) if a.stages > 1 else run_reference(cfg, plan, a)
+    torch.save(result, Path(a.out) / f"rank-{denv.rank}.pt")
+    print(json.dumps({"rank": denv.rank, "losses": result["losses"]}), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`lamemo train` with parallel.pipeline_stages=2 on CPU: resume, evaluation, layouts, config."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from train_support import PY, RUNNER, env, free_port, losses, prepare_corpus, spawn, write_config
+
+from lamemo_ds.checkpoint.manager import step_dir_name
+from lamemo_ds.config.derive import World, resolve
+from lamemo_ds.config.load import load_config
+from lamemo_ds.config.schema import ConfigError
+from lamemo_ds.model import LaMemoLM
+from lamemo_ds.parallel.pipeline_engine import logical_state_dict
+
+PIPE = {"pipeline_stages": 2, "zero_stage": 0}
+TRAIN = {"grad_accum": 2, "max_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib")
+
+
+def _ok(results) -> None:
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} exited {r.returncode}:\n{r.stdout[-3000:]}"
+
+
+def _kill_run(config, *, kill_at: int) -> int:
+    """Start 2 ranks; stage 1 SIGKILLs itself after step `kill_at`; then stop stage 0 (blocked
+    in a point-to-point receive that gloo never times out) as a job launcher would."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [PY, str(RUNNER), "--config", str(config), "--kill-at", str(kill_at),
+         "--fault-rank", "1"],
+        env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for r in range(2)]
+    code = procs[1].wait(timeout=240)
+    procs[0].kill()
+    procs[0].wait(timeout=30)
+    return code
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
+    """P=2: 6 steps with evaluations every 2 steps == 3 steps, checkpoint, kill -9 of stage 1
+    in step 4, resume to 6 without evaluations (so evaluation leaves training memory alone)."""
+    a = write_config(tmp_path / "a.yaml", data, tmp_path / "a", parallel=PIPE,
+                     train=dict(TRAIN, eval_interval=2, eval_max_segments=2))
+    _ok(spawn(a))
+    b = write_config(tmp_path / "b.yaml", data, tmp_path / "b", parallel=PIPE, train=TRAIN,
+                     checkpoint={"interval": 3, "keep_last": 3})
+    assert _kill_run(b, kill_at=4) == -9
+    resumed = spawn(b)
+    _ok(resumed)
+    assert "resumed from" in resumed[0].stdout
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(la) == list(range(1, 7)) and sorted(lb) == list(range(1, 7))
+    assert [la[s] for s in range(1, 7)] == [lb[s] for s in range(1, 7)]
+    ds = tmp_path / "b" / "checkpoints" / step_dir_name(6) / "deepspeed"
+    assert sorted(p.name for p in ds.glob("layer_*-model_00-model_states.pt"))
+    sd = logical_state_dict(ds)
+    ref = LaMemoLM(load_config(str(b), []).model).state_dict()
+    assert set(sd) == set(ref)
+    assert all(sd[k].shape == ref[k].shape for k in ref)
+    torch.testing.assert_close(sd["crit.out_layers.0.weight"], sd["word_emb.emb_layers.0.weight"],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_from_other_layout_says_so(data, tmp_path):
+    """A data-parallel (P=1) checkpoint resumes under P=2: weights through the names, memory
+    reset, streams re-partitioned, and the log says so."""
+    c = write_config(tmp_path / "c.yaml", data, tmp_path / "c",
+                     parallel={"pipeline_stages": 1, "zero_stage": 0},
+                     train=dict(TRAIN, max_steps=2), checkpoint={"interval": 2})
+    _ok(spawn(c, nproc=1))
+    d = write_config(tmp_path / "d.yaml", data, tmp_path / "c", parallel=PIPE,
+                     train=dict(TRAIN, max_steps=4), checkpoint={"interval": 2})
+    res = spawn(d)
+    _ok(res)
+    assert "layout changed" in res[0].stdout and "memory reset" in res[0].stdout
+    assert sorted(losses(tmp_path / "c")) == [1, 2, 3, 4]
+
+
+@pytest.mark.unit
+def test_zero2_with_pipeline_rejected_before_any_process(tmp_path):
+    """The config check names the alternatives, and `lamemo train` exits before starting."""
+    with pytest.raises(ConfigError, match="ZeRO 0 or 1.*pipeline_stages=1 with ZeRO 2/3"):
+        resolve(load_config(None, ["parallel.pipeline_stages=2", "parallel.zero_stage=3",
+                                   "model.n_layer=2"]), World(world_size=2))
+    cfg = write_config(tmp_path / "z.yaml", tmp_path / "nodata", tmp_path / "z",
+                       parallel={"pipeline_stages": 2, "zero_stage": 2})
+    r = subprocess.run([PY, "-m", "lamemo_ds.cli", "train", "--config", str(cfg)], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "zero_stage" in r.stderr and "pipeline" in r.stderr
+    assert not (tmp_path / "z").exists()  # nothing started, nothing written
