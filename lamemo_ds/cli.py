@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("lamemo_ds.commands.model_info",
                    "parameters, FLOPs per token and memory-state size of a config"),
+    "plan": ("lamemo_ds.commands.plan",
+             "estimate memory, step time and communication of a cluster layout"),
 }
 
 

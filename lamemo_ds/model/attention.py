@@ -92,13 +92,37 @@ def lookahead_mask(valid: torch.Tensor, *, mem_len: int, window_start: int, wind
     return real & (p > i)[None, None]
 
 
+class _SoftmaxLSE(torch.autograd.Function):
+    """probs = softmax(scores), lse = logsumexp(scores) in one pass, saving only probs.
+
+    Backward: d scores = p * (dp - sum(dp * p)) + p * dlse.
+    """
+
+    @staticmethod
+    def forward(ctx, scores):
+        lse = torch.logsumexp(scores, dim=-1)  # [.., Q]
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        ctx.save_for_backward(probs)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, d_probs, d_lse):
+        (probs,) = ctx.saved_tensors
+        if d_probs is None:
+            d_probs = torch.zeros_like(probs)
+        inner = (d_probs * probs).sum(-1, keepdim=True)
+        if d_lse is not None:
+            inner = inner - d_lse.unsqueeze(-1)
+        return probs * (d_probs - inner)
+
+
 def _attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropatt: float,
             training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention returning (output, logsumexp in >= fp32)."""
-    scores = scores.masked_fill(~allowed, NEG_INF)
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    lse = torch.logsumexp(scores.to(acc), dim=-1)  # [B, H, Q]
-    probs = torch.exp(scores.to(acc) - lse.unsqueeze(-1)).to(v.dtype)
+    scores = torch.where(allowed, scores.to(acc), NEG_INF)
+    probs, lse = _SoftmaxLSE.apply(scores)
+    probs = probs.to(v.dtype)
     if dropatt > 0 and training:
         probs = F.dropout(probs, p=dropatt, training=True)
     return probs @ v, lse
@@ -113,9 +137,9 @@ def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length:
     """
     n, d = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    ac = (q + u[None, :, None, :]) @ k.transpose(-1, -2)  # [B,H,N,K]
-    bd = (q + vb[None, :, None, :]) @ r.permute(1, 2, 0)  # [B,H,N,D] @ [H,D,K] -> [B,H,N,K]
-    scores = (ac + rel_shift(bd)) * scale
+    ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,N,K]
+    bd = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,N,D]@[H,D,K]->[B,H,N,K]
+    scores = ac + rel_shift(bd)
     allowed = causal_mask(valid, mem_len=mem_len, seg_len=n, same_length=same_length)
     return _attend(scores, allowed, v, dropatt, training)
 
@@ -130,12 +154,12 @@ def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start:
     """
     w, d = k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    ac = (q + u[None, :, None, :]) @ k.transpose(-1, -2)  # [B,H,M,W]
-    bd_full = (q + vb[None, :, None, :]) @ r.permute(1, 2, 0)  # [B,H,M,X]
+    ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,M,W]
+    bd_full = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,M,X]
     idx = lookahead_index(mem_len=mem_len, window_start=window_start, window_len=w,
                           variant=variant, device=q.device)  # [M, W]
     bd = bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
-    scores = (ac + bd) * scale
+    scores = ac + bd
     allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
                              variant=variant)
     return _attend(scores, allowed, v, dropatt, training)
