@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "parameters, FLOPs per token and memory-state size of a config"),
     "plan": ("lamemo_ds.commands.plan",
              "estimate memory, step time and communication of a cluster layout"),
+    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
 }
 
 

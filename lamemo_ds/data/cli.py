@@ -1,0 +1,102 @@
+"""`lamemo prepare`: write document-ordered shards of a corpus, or `--verify` a prepared folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _size(text: str) -> int:
+    """'64M', '512K', '1G' or a plain byte count."""
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    return int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(t)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .prepare import CORPORA
+
+    p.add_argument("--corpus", choices=CORPORA, default="stdlib",
+                   help="corpus format; 'stdlib' (default, also 'files' without --input) is "
+                   "this Python's standard library source tree, the demo corpus")
+    p.add_argument("--input", help="raw corpus: enwik8(.zip), text8(.zip), wikitext-103 folder "
+                   "or zip, a books folder, a JSONL file/folder, or a folder of text files")
+    p.add_argument("--out", help="output folder (manifest.json, tokenizer.json, split/shard-*.tar)")
+    p.add_argument("--tokenizer", choices=("byte", "char", "word", "bpe"), default="byte")
+    p.add_argument("--verify", metavar="DIR", help="re-check every shard of a prepared folder")
+    p.add_argument("--shard-size", type=_size, default="64M", help="max bytes per shard")
+    p.add_argument("--split-sizes", default="90000000,5000000,5000000",
+                   help="enwik8/text8: train,valid,test sizes in bytes/chars")
+    p.add_argument("--valid-frac", type=float, default=0.05,
+                   help="files/books/jsonl without given splits: fraction of documents (by "
+                   "name hash) in valid; same for --test-frac")
+    p.add_argument("--test-frac", type=float, default=0.05)
+    p.add_argument("--pattern", help="file name glob (files: '*', books: '*.txt', stdlib: '*.py')")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--min-freq", type=int, default=1, help="char/word: rarer types -> <unk>")
+    p.add_argument("--bpe-vocab", type=int, default=8192, help="BPE vocabulary size")
+    p.add_argument("--max-docs", type=int, help="at most this many documents per split")
+    p.add_argument("--max-bytes", type=_size, help="stop a split after this much text")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    p.add_argument("--force", action="store_true", help="overwrite an existing prepared folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .corpora import CorpusError
+    from .prepare import PrepareError, PrepareOptions, prepare
+    from .shards import ShardError
+
+    if args.verify:
+        return _verify(args.verify)
+    if not args.out:
+        print("lamemo prepare: give --out DIR (or --verify DIR)", file=sys.stderr)
+        return 2
+    sizes = tuple(int(s) for s in args.split_sizes.split(","))
+    if len(sizes) != 3:
+        print(f"lamemo prepare: --split-sizes wants 3 numbers, got {args.split_sizes!r}",
+              file=sys.stderr)
+        return 2
+    o = PrepareOptions(
+        corpus=args.corpus, input=args.input, tokenizer=args.tokenizer,
+        shard_bytes=args.shard_size, sizes=sizes, valid_frac=args.valid_frac,
+        test_frac=args.test_frac, pattern=args.pattern, text_field=args.text_field,
+        min_freq=args.min_freq, bpe_vocab=args.bpe_vocab, max_docs=args.max_docs,
+        max_bytes=args.max_bytes)
+    try:
+        m, wrote = prepare(o, args.out, workers=args.workers, force=args.force,
+                           progress=not args.quiet)
+    except (CorpusError, PrepareError, ShardError) as e:
+        print(f"lamemo prepare: error: {e}", file=sys.stderr)
+        return 1
+    _report(m, args.out, wrote)
+    return 0
+
+
+def _report(m: dict, out: str, wrote: bool) -> None:
+    if not wrote:
+        print(f"{out}: already prepared with these options (nothing to do; --force rewrites)")
+    st = m["stats"]
+    print(f"{out}: corpus {m['corpus']}, tokenizer {m['tokenizer']['kind']} "
+          f"(vocab {m['vocab_size']}, {m['dtype']}), {st['documents']:,} documents, "
+          f"{st['tokens']:,} tokens, {st['text_bytes'] / 1e6:.1f} MB text "
+          f"in {st['seconds']:.1f} s ({st['mb_per_s']:.1f} MB/s)")
+    for name, s in m["splits"].items():
+        print(f"  {name:6s} {s['documents']:>9,} docs {s['tokens']:>13,} tokens "
+              f"{len(s['shards']):>4} shards")
+    skipped = {k: v for k, v in st["clean"].items() if k != "examples" and v}
+    for k, v in skipped.items():
+        ex = ", ".join(st["clean"]["examples"].get(k, [])[:3])
+        print(f"  repaired/skipped: {k} = {v:,} (e.g. {ex})")
+
+
+def _verify(path: str) -> int:
+    from .manifest import load_manifest, verify
+
+    problems = verify(path)
+    m = load_manifest(path)
+    n = sum(len(s["shards"]) for s in m.splits.values())
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    print(f"{path}: {n} shards, {len(problems)} problem(s)")
+    return 1 if problems else 0
