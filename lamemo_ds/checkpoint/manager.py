@@ -1,0 +1,228 @@
+"""Atomic checkpoints: save, verify, resume with fallback, retention.
+
+Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)::
+
+    latest                     text file: the folder name of the newest complete checkpoint
+    step-00000100/             one complete checkpoint (the step counts optimizer steps done)
+      deepspeed/               engine.save_checkpoint(..., tag="deepspeed"): DeepSpeed's own files,
+                               mp_rank_00_model_states.pt (key "module": the LaMemoLM state dict
+                               with the model's own parameter names; under ZeRO-3 the weights
+                               live in the zero_pp_rank_*_optim_states.pt partitions instead)
+                               and zero_pp_rank_*_mp_rank_00_optim_states.pt (ZeRO 1-3)
+      lamemo/rank-00000.pt     per-rank state of our own: memory bank of every stream slot,
+                               stream-loader position, RNG of python/numpy/torch(/cuda), counters
+      config.yaml              the resolved run config (rebuild the model with
+                               config.load.load_config(path).model)
+      meta.json                step, world size, data-parallel size, precision, ZeRO stage, time
+      manifest.json            written last: every file above with its size and sha256
+    step-00000100.tmp/         a checkpoint being written (never read; removed by the next save)
+
+Save (every rank calls it): rank 0 makes ``step-N.tmp``; DeepSpeed writes its files; each rank
+writes its own state (temp file + os.replace + fsync); rank 0 writes config, meta and the manifest,
+renames ``step-N.tmp`` to ``step-N``, then replaces ``latest`` atomically and deletes all but the
+newest `keep_last` complete checkpoints. A crash at any point leaves the previous complete
+checkpoint untouched. Resume picks the newest folder whose manifest verifies (sizes and sha256),
+says why it skipped any newer one, and all ranks use rank 0's choice. The folder must be on a
+file system every rank sees (as DeepSpeed's own checkpoints require).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DS_TAG = "deepspeed"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, os.replace, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, step: int) -> dict:
+    """Size and sha256 of every file under `folder` (the manifest itself excluded)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"step": step, "created": time.time(), "files": files}
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def verify(folder: Path) -> str | None:
+    """None if `folder` is a complete checkpoint, else the reason (naming the bad file)."""
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"manifest.json unreadable: {e}"
+    for rel, info in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != info["bytes"]:
+            return f"file {rel} has {p.stat().st_size} bytes, manifest says {info['bytes']}"
+        if sha256_file(p) != info["sha256"]:
+            return f"file {rel} is corrupt (sha256 differs from the manifest)"
+    return None
+
+
+@dataclass(frozen=True)
+class Found:
+    """A verified checkpoint chosen for resume."""
+
+    path: Path
+    step: int
+    meta: dict
+
+    @property
+    def ds_dir(self) -> Path:
+        return self.path
+
+    def rank_file(self, rank: int) -> Path:
+        return self.path / "lamemo" / f"rank-{rank:05d}.pt"
+
+
+class CheckpointManager:
+    """Orchestrates saving and finding checkpoints; the state itself comes from its owners.
+
+    Args:
+        root: the checkpoints folder.
+        keep_last: complete checkpoints kept.
+        comm: an object with rank, world_size, barrier() and broadcast_int() (parallel.dist.Comm).
+        log: where messages go (rank 0 prints them).
+        on_phase: called with the name of each save phase as it completes (fault-injection
+            tests kill the process there).
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int, comm,
+                 log: Callable[[str], None] = print,
+                 on_phase: Callable[[str], None] | None = None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.comm = comm
+        self.log = log
+        self.on_phase = on_phase or (lambda name: None)
+
+    # ------------------------------------------------------------------------- save
+    def save(self, step: int, *, save_deepspeed: Callable[[str, str], None], rank_state: dict,
+             config_text: str, meta: dict) -> Path:
+        """Write checkpoint `step` atomically (collective: every rank calls it)."""
+        final = self.root / step_dir_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.comm.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "lamemo").mkdir(parents=True)
+        self.comm.barrier()
+        self.on_phase("begin")
+        save_deepspeed(str(tmp), DS_TAG)
+        self.on_phase("deepspeed")
+        atomic_torch_save(rank_state, tmp / "lamemo" / f"rank-{self.comm.rank:05d}.pt")
+        self.on_phase("rank_state")
+        self.comm.barrier()
+        if self.comm.rank == 0:
+            self._finish(step, tmp, final, config_text, meta)
+        self.comm.barrier()
+        return final
+
+    def _finish(self, step: int, tmp: Path, final: Path, config_text: str, meta: dict) -> None:
+        atomic_write_bytes(tmp / "config.yaml", config_text.encode())
+        atomic_write_bytes(tmp / "meta.json", json.dumps(dict(meta, step=step), indent=1).encode())
+        write_manifest(tmp, step)
+        self.on_phase("manifest")
+        if final.exists():  # a re-run of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self.on_phase("renamed")
+        atomic_write_bytes(self.root / "latest", (final.name + "\n").encode())
+        self.on_phase("latest")
+        self._prune()
+
+    def _prune(self) -> None:
+        complete = self.list_steps()
+        for step in complete[:-self.keep_last]:
+            shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+        for p in self.root.glob("step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------------- resume
+    def list_steps(self) -> list[int]:
+        """Steps of all step-N folders (complete or not), ascending."""
+        if not self.root.is_dir():
+            return []
+        steps = [int(m.group(1)) for p in self.root.iterdir()
+                 if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return sorted(steps)
+
+    def find_latest(self) -> Found | None:
+        """Newest verified checkpoint (rank 0 verifies, every rank gets its choice)."""
+        chosen = -1
+        if self.comm.rank == 0:
+            for step in reversed(self.list_steps()):
+                path = self.root / step_dir_name(step)
+                reason = verify(path)
+                if reason is None:
+                    chosen = step
+                    break
+                self.log(f"checkpoint {path} skipped: {reason}; trying an older one")
+        chosen = self.comm.broadcast_int(chosen)
+        if chosen < 0:
+            return None
+        path = self.root / step_dir_name(chosen)
+        return Found(path=path, step=chosen, meta=json.loads((path / "meta.json").read_text()))
+
+    @staticmethod
+    def load_rank_state(found: Found, rank: int) -> dict:
+        return torch.load(found.rank_file(rank), map_location="cpu", weights_only=False)

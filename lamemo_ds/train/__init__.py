@@ -1,0 +1,1 @@
+"""The training loop: trainer, schedules, state banks, metrics, signals and the `train` command."""

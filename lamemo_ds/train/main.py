@@ -1,0 +1,60 @@
+"""`lamemo train`: train LaMemo (or xl / none) with DeepSpeed on prepared shards.
+
+Launch with torchrun, the deepspeed launcher, `mpirun -np N`, or Slurm srun (see parallel/dist.py);
+a plain `lamemo train` is one process. The config is checked completely, against the world size
+the launcher reports, before any process group starts. Exit codes: see train/signals.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_config_arguments
+
+    add_config_arguments(p, required=True)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if train.output_dir has checkpoints")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..config.derive import World, resolve
+    from ..config.load import dump_config, load_config
+    from ..parallel import dist
+    from .signals import EXIT_NONFINITE
+
+    overrides = list(args.overrides) + (["checkpoint.resume=false"] if args.no_resume else [])
+    cfg = load_config(args.config, overrides)
+    denv = dist.discover()
+    plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
+    from ..config.deepspeed import deepspeed_config
+
+    deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    dist.init_distributed(denv, backend=plan.backend)
+    device = dist.device_for(denv)
+    comm = dist.Comm(device if plan.backend == "nccl" else None)
+    from .trainer import NonFiniteAbort, Trainer
+
+    if comm.rank == 0:
+        from pathlib import Path
+
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
+              f"output {out}", flush=True)
+    trainer = Trainer(cfg, plan, comm=comm, device=device, slurm_job_id=dist.slurm_job_id())
+    try:
+        code = trainer.fit()
+    except NonFiniteAbort as e:
+        print(f"lamemo train: rank {comm.rank}: {e}", file=sys.stderr, flush=True)
+        code = EXIT_NONFINITE
+    comm.barrier()
+    torch.distributed.destroy_process_group()
+    return code

@@ -1,0 +1,144 @@
+"""Monitoring: TensorBoard scalars (rank 0), a compact console line, and metrics.jsonl.
+
+metrics.jsonl (rank 0, in train.output_dir) gets one line per optimizer step
+({"step", "loss", "skipped", "lr"}) plus one per evaluation ({"step", "eval": {...}}). After a
+resume, steps that were re-run appear again: the last line of a step wins. Tests compare the
+per-step losses of interrupted and uninterrupted runs from this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# dense bf16 TFLOP/s of one device, for MFU when logging.peak_tflops is not given
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+               "V100": 125.0}
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory (GPU) or peak resident set size (CPU) of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def read_losses(path: str | Path) -> dict[int, float]:
+    """step -> loss from a metrics.jsonl (the last line of a step wins)."""
+    out: dict[int, float] = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+class Metrics:
+    """Rank 0 writes; other ranks get a Metrics that does nothing (enabled=False)."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool, unit: str):
+        """unit: 'bpc' for byte/char vocabularies, 'ppl' for words."""
+        self.enabled, self.unit = enabled, unit
+        self.out_dir = Path(out_dir)
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.tb_dir))
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.out_dir / "tensorboard"
+
+    def score(self, loss: float) -> float:
+        """ppl = exp(loss) or bpc = loss / ln 2 (SPEC §6)."""
+        return loss / math.log(2) if self.unit == "bpc" else math.exp(min(loss, 700.0))
+
+    def text(self, tag: str, body: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, f"```\n{body}\n```", 0)
+
+    def step(self, step: int, *, loss: float, skipped: bool, lr: float) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "loss": loss, "skipped": skipped,
+                                         "lr": lr}) + "\n")
+
+    def interval(self, step: int, scalars: dict[str, float], alphas: list[float]) -> None:
+        """TensorBoard scalars and the console line of one log interval."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            for i, a in enumerate(alphas):
+                self.tb.add_scalar(f"lamemo/alpha_layer{i}", a, step)
+        s = scalars
+        print(f"step {step:>7} | loss {s['train/loss']:.4f} | {self.unit} "
+              f"{s[f'train/{self.unit}']:.3f} | lr {s['train/lr']:.2e} | gnorm "
+              f"{s['train/grad_norm']:.3f} | {s['perf/target_tokens_per_s']:,.0f} tok/s | "
+              f"{s['perf/tflops']:.3g} TFLOP/s | wait {100 * s['perf/data_wait_frac']:.1f}% | "
+              f"skipped {int(s['train/skipped_steps'])}", flush=True)
+
+    def eval(self, step: int, split: str, result) -> None:
+        if not self.enabled:
+            return
+        score = self.score(result.loss)
+        if self.tb is not None:
+            self.tb.add_scalar(f"eval/{split}_loss", result.loss, step)
+            self.tb.add_scalar(f"eval/{split}_{self.unit}", score, step)
+            for i, v in enumerate(result.by_segment):
+                self.tb.add_scalar(f"eval/{split}_loss_by_segment", v, i)
+            self.tb.flush()
+        self.jsonl.write(json.dumps({"step": step, "eval": dict(result.as_dict(), split=split)})
+                         + "\n")
+        seg = result.by_segment
+        tail = f" | segment 0 {seg[0]:.4f} -> last {seg[-1]:.4f}" if len(seg) > 1 else ""
+        print(f"eval  {step:>7} | {split} loss {result.loss:.4f} | {self.unit} {score:.4f} | "
+              f"{result.tokens:,} tokens{tail}", flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+class Throughput:
+    """Accumulates step times and data waits between log intervals."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.steps = 0
+        self.wait = 0.0
+
+    def summary(self, *, tokens_per_step: int, flops_per_token: float, world_size: int,
+                peak: float | None) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tps = tokens_per_step * self.steps / dt
+        tflops = tps * flops_per_token / 1e12 / world_size  # per device
+        return {"perf/target_tokens_per_s": tps, "perf/step_time_s": dt / max(self.steps, 1),
+                "perf/tflops": tflops, "perf/mfu": tflops / peak if peak else None,
+                "perf/data_wait_frac": self.wait / dt, "perf/peak_memory_gib": peak_memory_gib()}
