@@ -32,34 +32,35 @@ def _script(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_train_sbatch_gives_each_rank_its_env(slurm: SlurmCluster, tmp_path: Path) -> None:
-    """Run the real train.sbatch with PYTHON pointing at a probe that records what a rank sees."""
+def test_train_sbatch_gives_each_rank_its_place(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The real train.sbatch, with PYTHON pointing at a probe that records dist.discover()."""
     probe = tmp_path / "probe.py"
     probe.write_text(f"#!{sys.executable}\n" + PROBE.format(out=str(tmp_path)))
     probe.chmod(0o755)
     env = dict(slurm.env, PYTHON=str(probe), CONFIG="configs/debug.yaml",
                RUN_DIR=str(tmp_path / "run"), EXTRA_ARGS="--set train.max_steps=7",
                PYTHONPATH=str(REPO))
-    job_id, rc = slurm.sbatch(REPO / "slurm" / "train.sbatch",
+    job_id, rc = slurm.sbatch(REPO / "slurm" / "train.sbatch", f"--chdir={REPO}",
                               *slurm.overrides(ntasks=2, output=tmp_path / "job.out"),
                               wait=True, timeout_s=180, env=env)
     log = (tmp_path / "job.out").read_text()
     assert rc == 0, log + slurm.logs_tail()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    port = str(10000 + job_id % 20000)
     for r, seen in enumerate(ranks):
-        assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == (str(r), str(r), "2")
-        assert (seen["MASTER_ADDR"], seen["MASTER_PORT"]) == (slurm.node, port)
+        assert (seen["rank"], seen["local_rank"], seen["world_size"]) == (r, r, 2), seen
+        assert seen["launcher"] == "srun", seen
+        assert (seen["master_addr"], seen["master_port"]) == (slurm.node, 15000 + job_id % 20000)
         assert seen["argv"] == ["-m", "lamemo_ds.cli", "train", "--config", "configs/debug.yaml",
                                 "--set", f"train.output_dir={tmp_path / 'run'}",
                                 "--set", "train.max_steps=7"]
     assert f"job {job_id} restart 0" in log
 
 
+# Runs as PYTHON: records where lamemo_ds's launcher discovery puts this task.
 PROBE = """
-import json, os, sys
-keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-seen = {{k: os.environ.get(k) for k in keys}}
+import dataclasses, json, os, sys
+from lamemo_ds.parallel.dist import discover
+seen = dataclasses.asdict(discover())
 seen["argv"] = sys.argv[1:]
 with open(os.path.join({out!r}, "rank%s.json" % os.environ["SLURM_PROCID"]), "w") as f:
     json.dump(seen, f)
