@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-TAR_OVERHEAD = 4 * 512 + 256  # two headers, padding and the npy header, per sample (upper bound)
+BLOCK = 512  # tar block
+TAR_OVERHEAD = 8 * BLOCK  # per sample: 2 headers, json, npy header, padding, archive end
 
 
 class ShardError(RuntimeError):
@@ -57,11 +58,21 @@ class _HashingFile:
         self.f.close()
 
 
-def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member (ustar header, data, zero padding) with fixed mtime/owner/mode.
+
+    Written by hand rather than with TarFile so the archive ends right after its two zero
+    blocks (TarFile pads to 10 KiB records), which keeps shard sizes exact.
+    """
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = (
         len(data), 0, 0o644, 0, 0, "", "")
-    return ti, io.BytesIO(data)
+    head = ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    return head + data + b"\0" * (_padded(len(data)) - len(data))
 
 
 def npy_bytes(tokens: np.ndarray) -> bytes:
@@ -86,7 +97,6 @@ class ShardWriter:
         (out / split).mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         self.token_offset = 0
-        self._tar: tarfile.TarFile | None = None
         self._file: _HashingFile | None = None
         self._cur: dict = {}
 
@@ -98,14 +108,14 @@ class ShardWriter:
     def add(self, key: str, tokens: np.ndarray, meta: dict) -> None:
         payload = npy_bytes(tokens.astype(self.dtype, copy=False))
         body = json.dumps(meta, sort_keys=True).encode()
-        need = len(payload) + len(body) + TAR_OVERHEAD
-        if self._tar is not None and self._file.size + need > self.shard_bytes \
+        need = 2 * BLOCK + _padded(len(payload)) + _padded(len(body))
+        if self._file is not None and self._file.size + need + 2 * BLOCK > self.shard_bytes \
                 and self._cur["samples"] > 0:
             self._close_shard()
-        if self._tar is None:
+        if self._file is None:
             self._open_shard()
         for name, data in ((f"{key}.tokens.npy", payload), (f"{key}.json", body)):
-            self._tar.addfile(*_member(name, data))
+            self._file.write(_member(name, data))
         c = self._cur
         c["samples"] += 1
         c["documents"] += int(meta.get("part", 0) == 0)
@@ -114,22 +124,21 @@ class ShardWriter:
     def _open_shard(self) -> None:
         url = f"{self.split}/shard-{len(self.records):06d}.tar"
         self._file = _HashingFile(self.out / (url + ".tmp"))
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._cur = {"url": url, "samples": 0, "documents": 0, "tokens": 0,
                      "token_offset": self.token_offset}
 
     def _close_shard(self) -> None:
-        self._tar.close()
+        self._file.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
         self._file.close()
         c = self._cur
         c["bytes"], c["sha256"] = self._file.size, self._file.sha.hexdigest()
         (self.out / (c["url"] + ".tmp")).replace(self.out / c["url"])
         self.token_offset += c["tokens"]
         self.records.append(c)
-        self._tar = self._file = None
+        self._file = None
 
     def close(self) -> list[dict]:
-        if self._tar is not None:
+        if self._file is not None:
             self._close_shard()
         return self.records
 

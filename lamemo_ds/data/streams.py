@@ -11,6 +11,7 @@ Shapes: R = rows (streams of this rank), N = seg_len.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import warnings
@@ -22,6 +23,7 @@ import torch
 from .manifest import load_manifest, open_tokens
 
 STATE_VERSION = 1
+CHUNK = 8  # batches handed over per queue item: amortises the thread hand-off
 
 
 @dataclass
@@ -75,10 +77,15 @@ class OrderedStreams:
                 f"{data_dir}/{split} has {len(self.tokens):,} tokens: too few for "
                 f"{self.num_streams} streams (dp_size {dp_size} x rows {rows}) of at least "
                 f"seg_len+1={seg_len + 1} tokens each; use fewer rows or a shorter seg_len")
+        self._flat = self.tokens.view(np.ndarray)  # plain ndarray: slicing a memmap is slow
+        self._row_base = (dp_rank * rows + np.arange(rows, dtype=np.int64)) * self.stream_len
+        self._steps = np.arange(seg_len + 1, dtype=np.int64)
+        self._roll_cache: tuple[int, np.ndarray | None] = (-1, None)
         self._epoch, self._index, self._force_reset = 0, 0, False
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        self._ready: collections.deque = collections.deque()
 
     # ----------------------------------------------------------------- batch construction
     def rolls(self, epoch: int) -> np.ndarray:
@@ -100,24 +107,30 @@ class OrderedStreams:
         """The batch at (epoch, index) for this rank: a pure function of its arguments."""
         R, N, L = self.rows, self.seg_len, self.stream_len
         first = self.dp_rank * R
-        roll = self.rolls(epoch)[first:first + R]  # [R]
-        start = first * L + index * N
-        if not roll.any():
-            view = np.lib.stride_tricks.as_strided(
-                self.tokens[start:], shape=(R, N + 1),
-                strides=(L * self.tokens.itemsize, self.tokens.itemsize), writeable=False)
-            seg = view.astype(np.int64)  # [R, N+1]
-            offs = start + np.arange(R, dtype=np.int64) * L
+        roll = self._rank_rolls(epoch)  # [R]
+        if roll is None:
+            start = first * L + index * N
+            isz = self._flat.itemsize
+            view = np.ndarray((R, N + 1), dtype=self._flat.dtype, buffer=self._flat,
+                              offset=start * isz, strides=(L * isz, isz))  # [R, N+1], no copy
+            offs = self._row_base + index * N
         else:
-            pos = (index * N + roll[:, None] + np.arange(N + 1)) % L  # [R, N+1]
-            rows_base = (first + np.arange(R, dtype=np.int64)) * L
-            seg = self.tokens[rows_base[:, None] + pos].astype(np.int64)  # [R, N+1]
-            offs = rows_base + pos[:, 0]
-        t = torch.from_numpy(seg)
-        flag = reset or index == 0
-        return Batch(input=t[:, :-1].contiguous(), target=t[:, 1:].contiguous(),
-                     reset=torch.full((R,), flag, dtype=torch.bool), epoch=epoch, index=index,
-                     offsets=torch.from_numpy(offs))
+            pos = (index * N + roll[:, None] + self._steps) % L  # [R, N+1]
+            view = self._flat[self._row_base[:, None] + pos]  # [R, N+1]
+            offs = self._row_base + pos[:, 0]
+        window = torch.from_numpy(view.astype(np.int64))  # [R, N+1], the only copy
+        flags = np.full(R, reset or index == 0, dtype=np.bool_)
+        # input and target are overlapping views of one buffer (row stride N+1)
+        return Batch(input=window[:, :-1], target=window[:, 1:], reset=torch.from_numpy(flags),
+                     epoch=epoch, index=index, offsets=torch.from_numpy(offs))
+
+    def _rank_rolls(self, epoch: int) -> np.ndarray | None:
+        """This rank's rows of `rolls(epoch)` (None when all zero: the fast strided path)."""
+        if self._roll_cache[0] != epoch:
+            first = self.dp_rank * self.rows
+            r = self.rolls(epoch)[first:first + self.rows]
+            self._roll_cache = (epoch, r if r.any() else None)
+        return self._roll_cache[1]
 
     def _successor(self, epoch: int, index: int) -> tuple[int, int]:
         return (epoch, index + 1) if index + 1 < self.segments_per_epoch else (epoch + 1, 0)
@@ -134,10 +147,13 @@ class OrderedStreams:
             raise StopIteration
         if self._thread is None:
             self._start()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._thread = None
-            raise item
+        if not self._ready:
+            got = self._queue.get()
+            if isinstance(got, BaseException):
+                self._thread = None
+                raise got
+            self._ready.extend(got)
+        item = self._ready.popleft()
         assert (item.epoch, item.index) == (self._epoch, self._index), "prefetch out of order"
         self._epoch, self._index = self._successor(item.epoch, item.index)
         self._force_reset = False
@@ -148,7 +164,8 @@ class OrderedStreams:
 
     def _start(self) -> None:
         self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._ready = collections.deque()
+        self._queue = queue.Queue(maxsize=max(1, -(-self.prefetch // CHUNK)))
         args = (self._epoch, self._index, self._force_reset, self._stop, self._queue)
         self._thread = threading.Thread(target=self._produce, args=args, daemon=True,
                                         name=f"OrderedStreams-{self.split}")
@@ -158,15 +175,17 @@ class OrderedStreams:
                  q: queue.Queue) -> None:
         try:
             while not stop.is_set() and not self._done(epoch, index):
-                item = self.make_batch(epoch, index, reset=reset)
-                reset = False
+                item = []
+                while len(item) < min(CHUNK, self.prefetch) and not self._done(epoch, index):
+                    item.append(self.make_batch(epoch, index, reset=reset))
+                    reset = False
+                    epoch, index = self._successor(epoch, index)
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                epoch, index = self._successor(epoch, index)
         except BaseException as e:  # handed to the consumer, never lost in the thread
             q.put(e)
 
@@ -175,7 +194,7 @@ class OrderedStreams:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._thread, self._queue = None, None
+        self._thread, self._queue, self._ready = None, None, collections.deque()
 
     def __enter__(self) -> OrderedStreams:
         return self
@@ -184,7 +203,9 @@ class OrderedStreams:
         self.close()
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent when __init__ raised
+        if stop is not None:
+            stop.set()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

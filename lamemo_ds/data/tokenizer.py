@@ -86,7 +86,7 @@ class VocabTokenizer:
         self._lut: np.ndarray | None = None
 
     def _char_lut(self) -> np.ndarray:
-        """Code point -> id table: makes char encoding a single numpy gather (text8 is 100M chars)."""
+        """Code point -> id table: char encoding becomes one numpy gather (text8: 100M chars)."""
         if self._lut is None:
             lut = np.full(0x110000, self.unk_id, dtype=np.int64)
             for tok, i in self.index.items():
@@ -153,7 +153,7 @@ Tokenizer = ByteTokenizer | VocabTokenizer | BpeTokenizer
 
 
 def build_vocab(counts: Counter, *, kind: str, min_freq: int = 1) -> VocabTokenizer:
-    """Frequency-ordered vocabulary (adaptive-softmax cutoffs assume it); ties keep first-seen order.
+    """Frequency-ordered vocabulary (adaptive-softmax cutoffs assume it), ties in first-seen order.
 
     `<eos>` gets id 0 (as in the reference vocabulary), types below `min_freq` map to `<unk>`.
     """
@@ -193,7 +193,7 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_freq: int = 2) -> Bp
 
 
 def save_tokenizer(tok: Tokenizer, data_dir: str | Path) -> str:
-    """Write tokenizer.json (and the BPE model file) atomically; return the tokenizer id (sha256)."""
+    """Write tokenizer.json (+ the BPE model file) atomically; return the tokenizer id (sha256)."""
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     if isinstance(tok, BpeTokenizer):

@@ -90,7 +90,8 @@ class AdaptiveSoftmax(nn.Module):
         if self.n_clusters > 0:
             w = torch.cat([w, self.cluster_weight], 0)
             b = torch.cat([b, self.cluster_bias], 0)
-        return F.log_softmax(self._logit(h, w, b, p).float(), dim=-1)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # never below fp32
+        return F.log_softmax(self._logit(h, w, b, p).to(acc), dim=-1)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[.., d] -> [.., V] float32 (float64 for float64 hidden) log-probabilities."""

@@ -28,11 +28,43 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """x [..., N, K] -> y with y[..., t, j] = x[..., t, j + N - 1 - t] for j <= K - N + t.
 
     Entries with j > K - N + t (future keys) hold unrelated values: callers mask them.
+    Row t, column j < K-1 of y is element N-1 + t(K-1) + j of x flattened, so columns 0..K-2 are
+    one contiguous block of x viewed with row stride K-1 (no copy); the last column is only
+    needed at t = N-1, where it is x[N-1, K-1].
     """
     *lead, n, k = x.shape
-    padded = F.pad(x, (1, 0))  # [..., N, K+1]
-    padded = padded.view(*lead, k + 1, n)  # reinterpret: [..., K+1, N]
-    return padded[..., 1:, :].reshape(*lead, n, k)  # [..., N, K]
+    body = x.reshape(*lead, n * k)[..., n - 1:n - 1 + n * (k - 1)].view(*lead, n, k - 1)
+    return torch.cat([body, x[..., k - 1:]], dim=-1)
+
+
+def add_rel_shifted_(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """scores += rel_shift(x) on every entry a causal query may use, in place, without copies."""
+    *lead, n, k = x.shape
+    body = x.reshape(*lead, n * k)[..., n - 1:n - 1 + n * (k - 1)].view(*lead, n, k - 1)
+    scores[..., :, : k - 1] += body
+    scores[..., n - 1, k - 1] += x[..., n - 1, k - 1]
+    return scores
+
+
+def add_lookahead_shifted_(scores: torch.Tensor, x: torch.Tensor, *,
+                           window_start: int) -> torch.Tensor:
+    """scores[.., i, w] += x[.., i, p - i - 1] with p = window_start + w, in place, no copies.
+
+    x [.., M, M] holds (q_i + v') . R(x+1) for x = 0..M-1. Element (i, p-i-1) of x is element
+    (window_start - 1) + i(M-1) + w of x flattened: columns 0..W-2 are a contiguous block viewed
+    with row stride M-1, and the last column (p = M, the first current token) is a slice of
+    stride M-1. Pairs with p <= i read unrelated values; lookahead_mask masks them.
+    """
+    *lead, m, xlen = x.shape
+    w = scores.shape[-1]
+    start = window_start - 1
+    flat = x.reshape(*lead, m * xlen)
+    if w > 1:
+        body = flat[..., start:start + m * (xlen - 1)].view(*lead, m, xlen - 1)[..., : w - 1]
+        scores[..., : w - 1] += body
+    last = flat[..., m - 1:m - 1 + m * (xlen - 1):xlen - 1] if xlen > 1 else flat[..., :1]
+    scores[..., w - 1] += last
+    return scores
 
 
 def causal_mask(valid: torch.Tensor, *, mem_len: int, seg_len: int,
@@ -139,7 +171,7 @@ def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length:
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,N,K]
     bd = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,N,D]@[H,D,K]->[B,H,N,K]
-    scores = ac + rel_shift(bd)
+    scores = add_rel_shifted_(ac, bd)
     allowed = causal_mask(valid, mem_len=mem_len, seg_len=n, same_length=same_length)
     return _attend(scores, allowed, v, dropatt, training)
 
@@ -156,10 +188,12 @@ def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start:
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,M,W]
     bd_full = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,M,X]
-    idx = lookahead_index(mem_len=mem_len, window_start=window_start, window_len=w,
-                          variant=variant, device=q.device)  # [M, W]
-    bd = bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
-    scores = ac + bd
+    if variant == "unmasked_window":  # |p - i| is no shift: gather
+        idx = lookahead_index(mem_len=mem_len, window_start=window_start, window_len=w,
+                              variant=variant, device=q.device)  # [M, W]
+        scores = ac + bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
+    else:
+        scores = add_lookahead_shifted_(ac, bd_full, window_start=window_start)
     allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
                              variant=variant)
     return _attend(scores, allowed, v, dropatt, training)

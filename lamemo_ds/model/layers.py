@@ -161,12 +161,13 @@ class DecoderLayer(nn.Module):
         old = lse_old.transpose(1, 2)  # [B, H, M]
         old = torch.where(real[:, None, :], old, torch.full_like(old, float("-inf")))
         ctx, lse_mem, alpha = merge_lookahead(ctx_old.transpose(1, 2), old, e, lse_la)
-        new_ctx = torch.cat([ctx, o], 2)[:, :, -m:].transpose(1, 2).detach()  # [B, M, H, D]
+        heads = torch.cat([ctx, o], 2)  # [B, H, K, D]: refreshed memory rows, then current
+        new_ctx = heads[:, :, -m:].transpose(1, 2).detach()  # [B, M, H, D]
         new_lse = torch.cat([lse_mem, lse_cur], 2)[:, :, -m:].transpose(1, 2).detach()  # [B,M,H]
         realf = real.to(alpha.dtype)[:, None, :]
         mean_alpha = ((alpha * realf).sum() / (realf.sum() * alpha.shape[1]).clamp(min=1))
         if need_mem_out:
-            att = self._merge_heads(torch.cat([ctx, o], 2))  # [B, K, H*D]
+            att = self._merge_heads(heads)  # [B, K, H*D]
             y = self.ff(self._residual(h, att))
             mem_out, cur_out = y[:, :m], y[:, m:]
         else:  # the last layer's memory rows feed nothing: skip their W_o, LN and FFN
