@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "estimate memory, step time and communication of a cluster layout"),
     "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
     "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
+    "convert": ("lamemo_ds.commands.convert", "convert checkpoints (deepspeed, consolidated, hf, "
+                "reference)"),
+    "eval": ("lamemo_ds.commands.eval", "perplexity / bits per character of an exported model"),
+    "generate": ("lamemo_ds.commands.generate", "sample text from an exported model"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,19 +22,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    overrides = list(args.overrides) + (["checkpoint.resume=false"] if args.no_resume else [])
+    return train(args.config, overrides)
+
+
+def train(config: str | None, overrides: list[str], hooks=None) -> int:
+    """Load and check the config, start the process group, train; returns the exit code.
+
+    `hooks` (train.trainer.Hooks) is the fault-injection point of the tests.
+    """
     import torch
 
+    from ..config.deepspeed import deepspeed_config
     from ..config.derive import World, resolve
     from ..config.load import dump_config, load_config
     from ..parallel import dist
     from .signals import EXIT_NONFINITE
 
-    overrides = list(args.overrides) + (["checkpoint.resume=false"] if args.no_resume else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config, overrides)
     denv = dist.discover()
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
-    from ..config.deepspeed import deepspeed_config
-
     deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_distributed(denv, backend=plan.backend)
@@ -42,14 +50,13 @@ def run(args) -> int:
     from .trainer import NonFiniteAbort, Trainer
 
     if comm.rank == 0:
-        from pathlib import Path
-
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
-    trainer = Trainer(cfg, plan, comm=comm, device=device, slurm_job_id=dist.slurm_job_id())
+    trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
+                      slurm_job_id=dist.slurm_job_id())
     try:
         code = trainer.fit()
     except NonFiniteAbort as e:

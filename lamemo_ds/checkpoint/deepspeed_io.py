@@ -1,0 +1,189 @@
+"""Reading DeepSpeed training checkpoints into one model (any ZeRO stage, any precision).
+
+Weights come from the fp32 master copy wherever DeepSpeed keeps one (the ZeRO partitions of the
+optimizer files, merged by deepspeed.utils.zero_to_fp32), else from the module state of
+mp_rank_00 (ZeRO 0 in fp32). Before anything is merged every expected file is checked to exist and
+to be an intact torch archive (CRC of every entry), so a partial or corrupt checkpoint is refused
+with the name of the missing or bad file.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config.schema import ConfigError, RunConfig
+from .safetensors_io import CheckpointError, build_model
+
+MODEL_STATES_02 = "mp_rank_00_model_states.pt"
+MODEL_STATES_3 = "zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+RUN_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "training_config.yaml")
+_STEP = re.compile(r"^step-(\d+)$")
+DS_TAG = "deepspeed"
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A step folder itself, or the newest step-N under a checkpoints or run folder."""
+    if any(path.glob("*model_states.pt")) or (path / "deepspeed").is_dir():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    latest = path / "latest"
+    if latest.is_file():
+        step = path / latest.read_text().strip()
+        if not step.is_dir():
+            raise CheckpointError(f"{latest} names {step.name!r}, which does not exist")
+        return step
+    steps = sorted((int(m.group(1)), p) for p in path.iterdir()
+                   if p.is_dir() and (m := _STEP.match(p.name)))
+    if not steps:
+        raise CheckpointError(f"{path} holds no DeepSpeed checkpoint (no *_model_states.pt, no "
+                              "`latest`, no step-N folder)")
+    return steps[-1][1]
+
+
+def ds_folder(step: Path) -> Path:
+    """Where DeepSpeed's files are: step/deepspeed (`lamemo train`) or the folder itself."""
+    return step / DS_TAG if (step / DS_TAG).is_dir() else step
+
+
+def verify_manifest(step: Path) -> None:
+    """Sizes and sha256 of every file against the manifest `lamemo train` writes last."""
+    from .manager import MANIFEST, verify
+
+    if (step / MANIFEST).is_file() or (step / DS_TAG).is_dir():
+        reason = verify(step)
+        if reason is not None:
+            raise CheckpointError(f"{step}: {reason}")
+
+
+def _check_archive(path: Path) -> None:
+    """A torch.save zip archive whose entries all pass their CRC."""
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"corrupt or truncated checkpoint file {path}: {e}") from e
+    if bad is not None:
+        raise CheckpointError(f"corrupt checkpoint file {path}: entry {bad} fails its CRC")
+
+
+def _find_optim(step: Path, rank: int) -> Path:
+    """The optimizer partition of `rank` (bf16 optimizers prefix the name with 'bf16_')."""
+    name = OPTIM_STATES.format(r=rank)
+    for cand in (step / name, step / f"bf16_{name}"):
+        if cand.is_file():
+            return cand
+    raise CheckpointError(f"missing checkpoint file {step / name} (the checkpoint was written "
+                          "by more ranks than left files: partial copy or interrupted save?)")
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling raises many types
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
+
+
+def inspect(step: Path) -> dict:
+    """Layout of a step folder: zero stage, dp world size, files; all files verified."""
+    if any(step.glob("layer_*-model_states.pt")):
+        raise CheckpointError(f"{step} is a pipeline-parallel checkpoint (layer_*-model_states.pt)"
+                              "; convert it with the pipeline layout reader of lamemo_ds.parallel")
+    stage3 = (step / MODEL_STATES_3.format(r=0)).is_file()
+    first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES_02)
+    _check_archive(first)
+    states = _load(first)
+    world = int(states.get("dp_world_size", 1))
+    ds_cfg = states.get("ds_config") or {}
+    zero = int((ds_cfg.get("zero_optimization") or {}).get("stage", 3 if stage3 else 0))
+    # bf16 without ZeRO still keeps fp32 masters in (bf16_)zero_pp_rank_* partitions
+    masters = zero > 0 or (step / f"bf16_{OPTIM_STATES.format(r=0)}").is_file()
+    files = [first]
+    if stage3:
+        files += [step / MODEL_STATES_3.format(r=r) for r in range(1, world)]
+    optim = [_find_optim(step, r) for r in range(world)] if masters else []
+    for f in tqdm(files[1:] + optim, desc="verify", unit="file", leave=False):
+        _check_archive(f)
+    return {"zero_stage": zero, "world_size": world, "files": files + optim, "states": states,
+            "masters": masters}
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix ('module.', 'model.', ...) so names match LaMemoLM's."""
+    if expected & set(sd):
+        return sd
+    for key in sd:
+        for name in expected:
+            if key.endswith("." + name):
+                prefix = key[: -len(name)]
+                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict:
+    """Full-precision state dict of a verified step folder."""
+    if not info["masters"]:
+        module = info["states"].get("module")
+        if not module:
+            raise CheckpointError(f"{info['files'][0]} holds no module weights")
+        half = [k for k, v in module.items() if v.dtype in (torch.float16, torch.bfloat16)]
+        if half and not quiet:
+            print(f"note  {info['files'][0].name}: no fp32 master copy in a ZeRO-0 "
+                  f"{module[half[0]].dtype} checkpoint; the module weights are widened to fp32")
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        ds = ds_folder(step)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds.parent), tag=ds.name)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot merge ZeRO-{info['zero_stage']} partitions in {step}: "
+                              f"{e}") from e
+
+
+def _run_config(step: Path, given: RunConfig | None) -> RunConfig:
+    from ..config.load import load_config
+
+    if given is not None:
+        return given
+    for folder in (step, step.parent, step.parent.parent):
+        for name in RUN_CONFIG_NAMES:
+            if (folder / name).is_file():
+                return load_config(folder / name)
+    raise ConfigError(f"no training config found beside {step} (looked for "
+                      f"{', '.join(RUN_CONFIG_NAMES)} in it and two folders up); pass --config")
+
+
+def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bool = False):
+    """A DeepSpeed checkpoint -> convert.Loaded with the fp32 model and the training config."""
+    from ..model import LaMemoLM
+    from .convert import Loaded
+    from .safetensors_io import tied_aliases
+
+    step = resolve_step_dir(path)
+    run_cfg = _run_config(step, run_config)
+    verify_manifest(step)
+    info = inspect(ds_folder(step))
+    if not quiet:
+        print(f"read  {step}: ZeRO-{info['zero_stage']}, {info['world_size']} data-parallel "
+              f"rank(s), {len(info['files'])} file(s) verified", flush=True)
+    sd = consolidated_state_dict(step, info, quiet)
+    with torch.device("meta"):
+        ref = LaMemoLM(run_cfg.model)
+    aliases = tied_aliases(ref)
+    sd = _strip_prefix(sd, set(ref.state_dict()))
+    sd = {k: v for k, v in sd.items() if k not in aliases}
+    model = build_model(run_cfg.model, sd, str(step), dtype=torch.float32)
+    data_dir = Path(run_cfg.data.path)
+    toks = sorted(data_dir.glob("tokenizer*.json")) if data_dir.is_dir() else []
+    notes = [] if toks else [f"no tokenizer found in data.path={data_dir}"]
+    return Loaded(model=model, source=str(step), run_config=run_cfg, tokenizer_files=toks,
+                  notes=notes)

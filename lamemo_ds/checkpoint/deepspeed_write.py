@@ -1,0 +1,113 @@
+"""`--to deepspeed`: a model into a `lamemo train` checkpoint for a new layout (ZeRO stage, world
+size), to resume or fine-tune on another cluster shape.
+
+The checkpoint must be the one the trainer itself would write, so it is written by the trainer's
+own parts: `world_size` gloo processes (torch.distributed.run) each build the engine of the new
+layout around the loaded weights (before deepspeed.initialize, so the fp32 masters and ZeRO
+partitions start from them), a fresh memory bank and stream loader, and save through
+CheckpointManager (manifest, `latest`). Optimizer moments start at zero.
+
+Output folder = a run folder: config.yaml (train.output_dir = this folder) and
+checkpoints/step-N/...; resume with `lamemo train --config OUT/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config.load import dump_config, load_config, to_dict
+from ..config.schema import RunConfig
+from .safetensors_io import CheckpointError
+
+SOURCE = ".source"
+
+
+def new_run_config(loaded, *, run_config: RunConfig | None, overrides: list[str],
+                   final: Path) -> RunConfig:
+    """The run config of the new layout: the given one, else the source's, plus --set; the
+    model section always comes from the weights; output_dir points at the output folder."""
+    base = to_dict(run_config or loaded.run_config or RunConfig())
+    base["model"] = to_dict(loaded.model.config)
+    base.setdefault("train", {})["output_dir"] = str(final.resolve())
+    return load_config(None, overrides, base=base)
+
+
+def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
+                    run_config: RunConfig | None = None, overrides: list[str] | None = None,
+                    world_size: int | None = None, step: int = 0) -> list[str]:
+    """Launch the writer ranks; returns the files written (relative to the output)."""
+    from .convert import write_consolidated
+
+    cfg = new_run_config(loaded, run_config=run_config, overrides=overrides or [], final=final)
+    world = world_size or cfg.parallel.pipeline_stages
+    (tmp / SOURCE).mkdir()
+    write_consolidated(loaded, tmp / SOURCE, dtype=torch.float32, max_shard_bytes=0)
+    (tmp / "config.yaml").write_text(dump_config(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={world}", "-m", "lamemo_ds.checkpoint.deepspeed_write",
+           str(tmp), str(step)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if not quiet:
+        print(f"write ZeRO-{cfg.parallel.zero_stage}, {world} process(es), step {step}",
+              flush=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CheckpointError(f"writing the DeepSpeed checkpoint failed (exit {r.returncode}):\n"
+                              f"{(r.stdout + r.stderr)[-4000:]}")
+    import shutil
+
+    shutil.rmtree(tmp / SOURCE)
+    return sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+
+
+def _rank_main(out: Path, step: int) -> None:
+    """One writer rank (run under torch.distributed.run)."""
+    from ..config.derive import World, resolve
+    from ..data.streams import OrderedStreams
+    from ..parallel import dist
+    from ..parallel.engine import build_engine
+    from ..train.state import StateBank
+    from ..train.trainer import rng_state, seed_all
+    from .manager import CheckpointManager
+    from .safetensors_io import load_model_folder
+
+    cfg = load_config(out / "config.yaml")
+    denv = dist.discover()
+    plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
+    dist.init_distributed(denv, backend=plan.backend)
+    device = dist.device_for(denv)
+    comm = dist.Comm(device if plan.backend == "nccl" else None)
+    model, _ = load_model_folder(out / SOURCE, dtype=torch.float32)
+    model.train()
+    bundle = build_engine(model.to(device), cfg, plan, cuda=device.type == "cuda")
+    engine = bundle.engine
+    bank = StateBank(plan.grad_accum, lambda: engine.module.init_state(plan.micro_batch,
+                                                                       device=device))
+    loader = OrderedStreams(cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len,
+                            rows=plan.rows_per_rank, dp_rank=comm.rank, dp_size=plan.dp_size,
+                            seed=cfg.train.seed, random_roll=cfg.data.random_roll, prefetch=1)
+    seed_all(cfg.train.seed + 7919 * (comm.rank + 1))  # the trainer's per-rank dropout seed
+    rank_state = {"step": step, "world_size": comm.world_size, "rows_per_rank":
+                  plan.rows_per_rank, "bank": bank.state_dict(), "loader": loader.state_dict(),
+                  "rng": rng_state(), "counters": {"skipped_total": 0, "consecutive_skips": 0}}
+    loader.close()
+    meta = {"world_size": comm.world_size, "dp_size": plan.dp_size,
+            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "zero_stage": plan.zero_stage, "precision": plan.precision,
+            "model_memory": cfg.model.memory, "converted_by": "lamemo convert --to deepspeed"}
+    mgr = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last, comm=comm,
+                            log=lambda *a: None)
+    mgr.save(step, save_deepspeed=lambda d, tag: engine.save_checkpoint(d, tag=tag,
+                                                                        save_latest=False),
+             rank_state=rank_state, config_text=dump_config(cfg), meta=meta)
+    comm.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))

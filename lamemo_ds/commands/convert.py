@@ -1,0 +1,77 @@
+"""`lamemo convert`: move a model between checkpoint formats.
+
+    lamemo convert --from deepspeed runs/x/checkpoints/step-1000 --to consolidated out/
+    lamemo convert --from consolidated out/ --to hf out-hf/
+    lamemo convert --from consolidated out/ --to deepspeed ckpt/ --set parallel.zero_stage=3
+    lamemo convert --from reference model.pt --config configs/enwik8_base.yaml --to consolidated out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_config_arguments
+    from ..checkpoint.convert import FORMATS_IN, FORMATS_OUT
+
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,
+                   help="format of the input")
+    p.add_argument("input", help="input checkpoint folder (or reference .pt file)")
+    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS_OUT,
+                   help="format of the output")
+    p.add_argument("output", help="output folder (must not exist or be empty, unless --force)")
+    add_config_arguments(p)
+    p.add_argument("--preset", help="model preset describing a bare reference state dict")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"],
+                   help="dtype of the written weights (default: the input's; fp32 from "
+                        "DeepSpeed master weights)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="split safetensors above this size, with an index (default 2GB; 0: never)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--to deepspeed: processes of the new layout (default: "
+                        "parallel.pipeline_stages x 1 data-parallel rank)")
+    p.add_argument("--step", type=int, default=0,
+                   help="--to deepspeed: step number of the written checkpoint (default 0)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _configs(args):
+    """(ModelConfig or None, RunConfig or None) from --config/--set/--preset."""
+    from ..config.load import load_config, to_dict
+    from ..model.presets import preset
+
+    if not (args.preset or args.config or args.overrides):
+        return None, None
+    base = {"model": to_dict(preset(args.preset))} if args.preset else None
+    run = load_config(args.config, args.overrides, base=base)
+    # A training config travels with the model only when the user gave one (not a bare preset).
+    return run.model, run if args.config else None
+
+
+def run(args) -> int:
+    from ..checkpoint.convert import read_source, write_target
+    from ..checkpoint.safetensors_io import (CheckpointError, check_output, parse_dtype,
+                                              parse_size)
+
+    try:
+        check_output(args.output, force=args.force)
+        model_cfg, run_cfg = _configs(args)
+        dtype = parse_dtype(args.dtype) if args.dtype else None
+        loaded = read_source(args.src_format, args.input, model_config=model_cfg,
+                             run_config=run_cfg, quiet=args.quiet)
+        if dtype is None and args.src_format == "deepspeed":
+            import torch
+
+            dtype = torch.float32
+        options = {"run_config": run_cfg, "overrides": args.overrides,
+                   "world_size": args.world_size, "step": args.step}
+        write_target(args.dst_format, loaded, args.output, dtype=dtype,
+                     max_shard_bytes=parse_size(args.max_shard_size), force=args.force,
+                     quiet=args.quiet, deepspeed_options=options)
+    except CheckpointError as e:
+        print(f"lamemo convert: {e}; nothing was written", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,177 @@
+"""`lamemo generate`: sample text from an exported model, with memory carried across segments.
+
+    lamemo generate --model out/ --prompt "The " --max-new-tokens 200 --top-p 0.9 --seed 1
+
+How the memory is carried:
+- lamemo / none: the state advances only at segment boundaries (every `segment_len` tokens), as in
+  training and evaluation; inside a segment the tokens since the boundary are re-run against the
+  boundary state, so every next-token distribution equals the one segment-wise evaluation gives.
+- xl: the Transformer-XL cache: each new token is one forward of length 1 against the cached
+  hidden states of the last mem_len tokens, then appended to that cache (O(mem_len) per token,
+  the prompt is never re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="folder written by `lamemo convert`")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set with this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--mem-len", type=int, default=None,
+                   help="memory length (default: the model's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder holding tokenizer.json (default: the model folder)")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
+    p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+class Stepper:
+    """Feeds tokens one at a time and returns the next-token log-probabilities (see module doc).
+
+    The memory state is batch 1; `forward_tokens` counts the tokens run through the model (the
+    cost, used by tests to check that the xl cache never re-runs the context).
+    """
+
+    def __init__(self, model, *, mem_len: int | None = None):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.state = model.init_state(1, mem_len=mem_len)
+        self.buffer: list[int] = []
+        self.forward_tokens = 0
+        self.cached = self.cfg.memory == "xl" and self.state.mem_len > 0
+
+    def _run(self, ids: list[int]):
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long, device=self.state.valid.device)
+        self.forward_tokens += len(ids)
+        with torch.no_grad():
+            return self.model(x, self.state, return_logits=True)
+
+    def feed(self, ids: list[int]):
+        """Consume `ids`; return the log-probabilities [V] of the token after them."""
+        if not ids:
+            raise ValueError("Stepper.feed needs at least one token")
+        if self.cached:
+            out = None
+            for tok in ids:
+                out = self._run([tok])
+                self.state = out.state
+            return out.logits[0, -1]
+        n = self.cfg.segment_len
+        logits = None
+        for tok in ids:
+            self.buffer.append(tok)
+            if len(self.buffer) == n:  # a full segment: advance the memory
+                out = self._run(self.buffer)
+                self.state, self.buffer = out.state, []
+                logits = out.logits[0, -1]
+            else:
+                logits = None
+        if logits is None:  # mid-segment: re-run the partial segment against the boundary
+            logits = self._run(self.buffer).logits[0, -1]
+        return logits
+
+
+def sample(logprobs, *, temperature: float, top_k: int, top_p: float, generator) -> int:
+    """One token id from log-probabilities [V] with temperature, top-k and nucleus filtering."""
+    import torch
+
+    if temperature <= 0:
+        return int(logprobs.argmax())
+    scores = logprobs.float() / temperature
+    if 0 < top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, -1)
+        before = torch.cumsum(probs, -1) - probs  # mass of the tokens ranked above
+        drop = before >= top_p  # the first token always stays (its `before` is 0)
+        scores = scores.clone()
+        scores[order[drop]] = float("-inf")
+    probs = torch.softmax(scores, -1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate_ids(model, prompt: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, mem_len: int | None = None,
+                 eos_id: int | None = None, on_token=None) -> list[int]:
+    """Generated ids (without the prompt); `on_token(id)` is called as each one is drawn."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    stepper = Stepper(model, mem_len=mem_len)
+    logprobs = stepper.feed(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = sample(logprobs, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if eos_id is not None and tok == eos_id:
+            break
+        logprobs = stepper.feed([tok])
+    return out
+
+
+class _Printer:
+    """Streams decoded text, holding back an incomplete UTF-8 tail (shown as U+FFFD)."""
+
+    def __init__(self, tokenizer, stream: bool):
+        self.tok, self.stream, self.ids, self.shown = tokenizer, stream, [], 0
+
+    def __call__(self, tok: int) -> None:
+        self.ids.append(tok)
+        if not self.stream:
+            return
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        sys.stdout.write(text[self.shown:])
+        sys.stdout.flush()
+        self.shown = max(self.shown, len(text))
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        sys.stdout.write(text[self.shown:] + "\n")
+        sys.stdout.flush()
+
+
+def run(args) -> int:
+    import torch
+
+    from ..checkpoint.safetensors_io import CheckpointError, load_model_folder
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        model, _ = load_model_folder(args.model, dtype=torch.float32)
+    except CheckpointError as e:
+        print(f"lamemo generate: {e}", file=sys.stderr)
+        return 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    tok_dir = args.tokenizer or args.model
+    try:
+        tokenizer = load_tokenizer(tok_dir)
+    except FileNotFoundError as e:
+        print(f"lamemo generate: {e} (pass --tokenizer DATA_DIR)", file=sys.stderr)
+        return 1
+    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    prompt = prompt or [tokenizer.eos_id]
+    sys.stdout.write(args.prompt)
+    printer = _Printer(tokenizer, stream=not args.no_stream)
+    generate_ids(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, mem_len=args.mem_len,
+                 eos_id=tokenizer.eos_id if args.stop_at_eos else None, on_token=printer)
+    printer.finish()
+    return 0

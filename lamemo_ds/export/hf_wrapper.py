@@ -1,0 +1,96 @@
+"""The Hugging Face face of a LaMemo model: appended, at export time, to a standalone copy of
+lamemo_ds/model (see checkpoint/hf_export.py), so the exported modeling file needs only torch and
+transformers. Inside lamemo_ds it imports the same classes from the package.
+
+`forward(input_ids, mems=None, labels=None)` takes and returns the memory state, so a text is
+evaluated segment by segment exactly as `lamemo eval` does:
+
+    out = model(x0); out = model(x1, mems=out.mems); ...
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_lamemo import LaMemoConfig
+
+# --- lamemo_ds imports (stripped at export: the exported file defines these names above) ---
+from ..config.schema import ModelConfig  # noqa: I001
+from ..model.lm import LaMemoLM
+from ..model.memory import MemoryState
+from ..model.positional import SinusoidTable
+# --- end lamemo_ds imports ---
+
+
+@dataclass
+class LaMemoOutput(ModelOutput):
+    """loss: mean NLL of `labels`; logits [B, N, V] log-probabilities; mems: the memory state to
+    pass with the next segment; nll [B, N] per-token NLL (with labels)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mems: MemoryState | None = None
+    nll: torch.Tensor | None = None
+
+
+def _tied(model: torch.nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+class LaMemoForCausalLM(PreTrainedModel):
+    """A LaMemoLM (`self.lamemo`) behind the transformers loading API; eager attention."""
+
+    config_class = LaMemoConfig
+    base_model_prefix = "lamemo"
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderLayer"]
+
+    def __init__(self, config: LaMemoConfig):
+        super().__init__(config)
+        fields = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in config.lamemo_model.items()}
+        fields["attention_impl"] = "eager"
+        self.lamemo = LaMemoLM(ModelConfig(**fields))
+        prefix = config.weights_prefix
+        self._tied_weights_keys = {prefix + a: prefix + s for a, s in _tied(self.lamemo).items()}
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # Parameters come from the checkpoint (or LaMemoLM's own init); only the non-persistent
+        # sinusoid frequencies must be recomputed when transformers materialises buffers.
+        if isinstance(module, SinusoidTable):
+            with torch.device("cpu"):
+                fresh = SinusoidTable(module.inv_freq.shape[0] * 2).inv_freq
+            module.inv_freq.copy_(fresh.to(module.inv_freq.device))
+
+    def tie_weights(self, *args, **kwargs):
+        super().tie_weights(*args, **kwargs)
+        self.lamemo.tie_weights()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.lamemo.word_emb
+
+    def init_mems(self, batch_size: int, mem_len: int | None = None) -> MemoryState:
+        """Empty memory for `batch_size` streams (mem_len: the model's, or longer to evaluate)."""
+        return self.lamemo.init_state(batch_size, mem_len=mem_len)
+
+    def forward(self, input_ids: torch.Tensor, mems: MemoryState | None = None,
+                labels: torch.Tensor | None = None, return_dict: bool = True,
+                **kwargs) -> LaMemoOutput:
+        """input_ids [B, N]; labels [B, N] the NEXT token of every position (already shifted,
+        as in segment-wise evaluation); mems from the previous segment's output."""
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"LaMemoForCausalLM.forward got unsupported arguments {unknown}")
+        out = self.lamemo(input_ids, mems, targets=labels, return_logits=True)
+        result = LaMemoOutput(loss=out.loss, logits=out.logits, mems=out.state, nll=out.nll)
+        return result if return_dict else result.to_tuple()

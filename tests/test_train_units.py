@@ -1,0 +1,169 @@
+"""Single-process pieces of training: launcher discovery, schedules, state banks, signals,
+the non-finite-skipping optimizer, and the checkpoint manager's atomicity and verification."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
+from lamemo_ds.config.schema import OptimConfig
+from lamemo_ds.model.memory import empty_state
+from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_port
+from lamemo_ds.parallel.engine import build_optimizer
+from lamemo_ds.train.schedule import lr_at
+from lamemo_ds.train.signals import StopFlag
+from lamemo_ds.train.state import StateBank
+
+pytestmark = pytest.mark.unit
+
+
+def test_expand_hostlist():
+    assert expand_hostlist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert expand_hostlist("a1,b[9-11],c") == ["a1", "b9", "b10", "b11", "c"]
+    assert expand_hostlist("gpu[1,3]-ib") == ["gpu1-ib", "gpu3-ib"]
+
+
+def test_discover_slurm_and_torchrun():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_JOB_NODELIST": "n[07-10]", "SLURM_JOB_ID": "123456"}
+    d = discover(env)
+    assert (d.rank, d.local_rank, d.world_size, d.launcher) == (5, 1, 8, "srun")
+    assert d.master_port == slurm_port("123456") and 15000 <= d.master_port < 35000
+    assert d.master_addr in ("n07",) or d.master_addr  # scontrol may expand it instead
+    t = discover({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                  "MASTER_PORT": "1234"})
+    assert (t.rank, t.world_size, t.master_addr, t.master_port) == (1, 2, "h", 1234)
+    assert discover({}).world_size == 1
+
+
+def test_discover_slurm_without_scontrol_uses_first_host(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    d = discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x[3-4]",
+                  "SLURM_JOB_ID": "7"})
+    assert d.master_addr == "x3"
+
+
+def test_cosine_schedule_reference():
+    opt = OptimConfig(lr=2.5e-4)
+    assert lr_at(opt, step=0, total=100) == pytest.approx(2.5e-4)
+    assert lr_at(opt, step=50, total=100) == pytest.approx(1.25e-4)
+    assert lr_at(opt, step=100, total=100) == pytest.approx(0.0, abs=1e-12)
+    warm = OptimConfig(lr=1.0, warmup_steps=4, schedule="linear")
+    assert [lr_at(warm, step=s, total=8) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def _bank() -> StateBank:
+    return StateBank(2, lambda: empty_state("lamemo", batch_size=3, mem_len=4, n_layer=2,
+                                            d_model=8, n_head=2, d_head=4, dtype=torch.float32))
+
+
+def test_state_bank_roundtrip_and_reset():
+    bank = _bank()
+    new = [type(s)(valid=torch.tensor([4, 2, 1]), mem_len=4, emb=s.emb + i, ctx=s.ctx,
+                   lse=s.lse) for i, s in enumerate(bank.states)]
+    bank.commit(new)
+    other = _bank()
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.states[1].emb, bank.states[1].emb)
+    got = other.get(0, torch.tensor([True, False, False]))
+    assert got.valid.tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="expected 2 slot states, got 3"):
+        other.commit(new + new[:1])
+
+
+def test_stop_flag_only_records():
+    flag = StopFlag().install()
+    try:
+        assert not flag.is_set
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.signum == signal.SIGUSR1
+    finally:
+        flag.restore()
+
+
+def test_skipping_optimizer_leaves_params_on_nan():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([p], OptimConfig(lr=0.1), cuda=False, skip_nonfinite=True)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state
+    p.grad = torch.ones(3)
+    opt.step()
+    assert not opt.overflow and (p.data < 1).all()
+
+
+# ----------------------------------------------------------------------- checkpoint manager
+class Crash(Exception):
+    pass
+
+
+def _save(mgr: CheckpointManager, step: int, payload: bytes = b"weights") -> None:
+    def ds(folder: str, tag: str) -> None:
+        os.makedirs(f"{folder}/{tag}")
+        with open(f"{folder}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
+            f.write(payload + str(step).encode())
+
+    mgr.save(step, save_deepspeed=ds, rank_state={"step": step}, config_text="model: {}\n",
+             meta={"world_size": 1})
+
+
+@pytest.mark.parametrize("phase", ["begin", "deepspeed", "rank_state", "manifest"])
+def test_crash_during_save_keeps_previous(tmp_path, phase):
+    mgr = CheckpointManager(tmp_path, keep_last=3, comm=Comm())
+    _save(mgr, 1)
+
+    def crash(name):
+        if name == phase:
+            raise Crash(name)
+
+    crashing = CheckpointManager(tmp_path, keep_last=3, comm=Comm(), on_phase=crash)
+    with pytest.raises(Crash):
+        _save(crashing, 2)
+    found = mgr.find_latest()
+    assert found.step == 1
+    assert (tmp_path / "latest").read_text().strip() == step_dir_name(1)
+    _save(mgr, 3)  # the next save cleans the leftover temp folder
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("phase", ["renamed", "latest"])
+def test_crash_after_rename_uses_new_complete_checkpoint(tmp_path, phase):
+    _save(CheckpointManager(tmp_path, keep_last=3, comm=Comm()), 1)
+    crashing = CheckpointManager(tmp_path, keep_last=3, comm=Comm(),
+                                 on_phase=lambda n: (_ for _ in ()).throw(Crash(n))
+                                 if n == phase else None)
+    with pytest.raises(Crash):
+        _save(crashing, 2)
+    assert CheckpointManager(tmp_path, keep_last=3, comm=Comm()).find_latest().step == 2
+
+
+def test_corrupt_file_is_named_and_skipped(tmp_path):
+    logs: list[str] = []
+    mgr = CheckpointManager(tmp_path, keep_last=3, comm=Comm(), log=logs.append)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    shard = tmp_path / step_dir_name(2) / "deepspeed" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "deepspeed/mp_rank_00_model_states.pt" in verify(tmp_path / step_dir_name(2))
+    assert mgr.find_latest().step == 1
+    assert any("mp_rank_00_model_states.pt" in m and "corrupt" in m for m in logs)
+
+
+def test_retention_and_manifest(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, comm=Comm())
+    for s in (1, 2, 3, 4):
+        _save(mgr, s)
+    assert mgr.list_steps() == [3, 4]
+    man = json.loads((tmp_path / step_dir_name(4) / "manifest.json").read_text())
+    assert set(man["files"]) == {"deepspeed/mp_rank_00_model_states.pt", "lamemo/rank-00000.pt",
+                                 "config.yaml", "meta.json"}
+    assert all(len(v["sha256"]) == 64 for v in man["files"].values())
+    assert not math.isnan(man["created"])
