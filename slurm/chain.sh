@@ -12,8 +12,9 @@
 #   --prepare-opts STR   extra sbatch options for one step (word-split), e.g. "--time=8:00:00";
 #   --train-opts STR       likewise --eval-opts, --convert-opts
 #   -- ...               sbatch options for every step, e.g. -- --account=myproj
-# Variables the scripts read (CORPUS, INPUT, TOKENIZER, PYTHON, EXTRA_ARGS...) pass through from
-# this shell's environment. Prints "STEP JOBID" per submitted job.
+# Variables the scripts read (PYTHON, CORPUS, INPUT, TOKENIZER, PREPARE_ARGS, TRAIN_ARGS,
+# EVAL_ARGS, CONVERT_ARGS, ...) pass through from this shell's environment.
+# Prints "STEP JOBID" per submitted job.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -38,7 +38,7 @@ def test_train_sbatch_gives_each_rank_its_place(slurm: SlurmCluster, tmp_path: P
     probe.write_text(f"#!{sys.executable}\n" + PROBE.format(out=str(tmp_path)))
     probe.chmod(0o755)
     env = dict(slurm.env, PYTHON=str(probe), CONFIG="configs/debug.yaml",
-               RUN_DIR=str(tmp_path / "run"), EXTRA_ARGS="--set train.max_steps=7",
+               RUN_DIR=str(tmp_path / "run"), TRAIN_ARGS="--set train.max_steps=7",
                PYTHONPATH=str(REPO))
     job_id, rc = slurm.sbatch(REPO / "slurm" / "train.sbatch", f"--chdir={REPO}",
                               *slurm.overrides(ntasks=2, output=tmp_path / "job.out"),

@@ -45,7 +45,7 @@ def train_env(slurm: SlurmCluster, run_dir: Path, data: Path) -> dict[str, str]:
              "--set parallel.backend=gloo")
     return dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(REPO),
                 CONFIG="configs/debug.yaml", RUN_DIR=str(run_dir), DATA_DIR=str(data),
-                EXTRA_ARGS=extra)
+                TRAIN_ARGS=extra)
 
 
 def submit_train(slurm: SlurmCluster, run_dir: Path, data: Path, *,
