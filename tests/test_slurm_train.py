@@ -7,6 +7,7 @@ resume and finish with exactly the per-step losses of a run that was never inter
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -120,3 +121,34 @@ def test_usr1_saves_requeues_resumes_and_matches_an_uninterrupted_run(
 
     reference = read_losses(reference_run[0] / "metrics.jsonl")
     assert read_losses(metrics) == reference  # every step, bit for bit
+
+
+@pytest.mark.slow
+def test_torchrun_variant_survives_usr1_and_requeues(slurm: SlurmCluster, data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """train_torchrun.sbatch: torchrun's workers get USR1, save at one step, and requeue the job.
+
+    Slurm signals every process of the step, torchrun included, which the script therefore makes
+    ignore USR1. With this tiny model the workers would also win the race against a dying
+    torchrun, so this checks the variant end to end, not the trap alone. Resuming is the same
+    code as in the srun drill above; here the requeued job is cancelled.
+    """
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = dict(train_env(slurm, run_dir, data_dir), PROCS_PER_NODE="2")
+    job_id, _ = slurm.sbatch(REPO / "slurm" / "train_torchrun.sbatch", f"--chdir={REPO}",
+                             *slurm.overrides(ntasks=1, output=log), "--cpus-per-task=2",
+                             env=env)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(read_losses(metrics)) >= 3, timeout_s=300,
+               what=f"job {job_id} to train 3 steps ({log})", poll_s=0.1)
+    slurm.cmd("scancel", "--signal=USR1", str(job_id))
+    wait_until(lambda: slurm.job(job_id).get("Restarts") == "1", timeout_s=300,
+               what=f"job {job_id} to be requeued ({log})")
+    slurm.cmd("scancel", str(job_id))
+    text = log.read_text()
+    assert "2 process(es) via torchrun" in text, text
+    stopped = re.search(r"stop signal received: saving step (\d+)", text)
+    assert stopped, text
+    saved = run_dir / "checkpoints" / f"step-{int(stopped.group(1)):08d}"
+    assert json.loads((saved / "meta.json").read_text())["world_size"] == 2
+    assert f"requeued Slurm job {job_id}" in text
