@@ -3,7 +3,8 @@
     lamemo convert --from deepspeed runs/x/checkpoints/step-1000 --to consolidated out/
     lamemo convert --from consolidated out/ --to hf out-hf/
     lamemo convert --from consolidated out/ --to deepspeed ckpt/ --set parallel.zero_stage=3
-    lamemo convert --from reference model.pt --config configs/enwik8_base.yaml --to consolidated out/
+    lamemo convert --from reference model.pt --config configs/enwik8_base.yaml \
+        --to consolidated out/
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
     from ..checkpoint.convert import FORMATS_IN, FORMATS_OUT
+    from ..cli import add_config_arguments
 
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,
                    help="format of the input")
@@ -53,8 +54,7 @@ def _configs(args):
 
 def run(args) -> int:
     from ..checkpoint.convert import read_source, write_target
-    from ..checkpoint.safetensors_io import (CheckpointError, check_output, parse_dtype,
-                                              parse_size)
+    from ..checkpoint.safetensors_io import CheckpointError, check_output, parse_dtype, parse_size
 
     try:
         check_output(args.output, force=args.force)

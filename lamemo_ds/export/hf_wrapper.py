@@ -14,13 +14,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_lamemo import LaMemoConfig
-
 # --- lamemo_ds imports (stripped at export: the exported file defines these names above) ---
 from ..config.schema import ModelConfig  # noqa: I001
 from ..model.lm import LaMemoLM
 from ..model.memory import MemoryState
 from ..model.positional import SinusoidTable
+from .configuration_lamemo import LaMemoConfig
+
 # --- end lamemo_ds imports ---
 
 
