@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lamemo", description="Pretrain LaMemo language models with DeepSpeed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `lamemo COMMAND --help` for the options of one command.")
+    # the deepspeed launcher passes --local_rank before the subcommand (LOCAL_RANK is read instead)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

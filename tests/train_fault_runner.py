@@ -4,7 +4,7 @@
   --signal-at STEP --fault-rank R  send SIGUSR1 to rank R after step STEP (preemption)
   --nan-at STEP --fault-rank R     make rank R's loss NaN in step STEP (0-based step index)
   --crash-phase NAME --crash-step S  SIGKILL every rank after checkpoint save phase NAME of step S
-  --dump-params PATH               write this rank's full parameters to PATH.rankR.pt at the end
+  --dump-params PATH               write this rank's parameters to PATH.rankR.pt after each step
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         if mine and step == a.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
-        if a.dump_params and step == trainer.cfg.train.max_steps:
+        if a.dump_params:  # overwritten every step: the file holds the last step's parameters
             params = {n: t.detach().clone() for n, t in trainer.engine.module.state_dict().items()}
             torch.save(params, f"{a.dump_params}.rank{rank}.pt")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -31,19 +32,22 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
 
     `hooks` (train.trainer.Hooks) is the fault-injection point of the tests.
     """
+    from ..config.load import dump_config, load_config
+
+    cfg = load_config(config, overrides)  # unknown keys and bad values fail here, quickly
     import torch
 
     from ..config.deepspeed import deepspeed_config
     from ..config.derive import World, resolve
-    from ..config.load import dump_config, load_config
     from ..parallel import dist
     from .signals import EXIT_NONFINITE
 
-    cfg = load_config(config, overrides)
     denv = dist.discover()
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
     deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls torch collectives that torch marks deprecated: noise in every log
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     dist.init_distributed(denv, backend=plan.backend)
     device = dist.device_for(denv)
     comm = dist.Comm(device if plan.backend == "nccl" else None)

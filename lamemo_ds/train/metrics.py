@@ -1,7 +1,8 @@
 """Monitoring: TensorBoard scalars (rank 0), a compact console line, and metrics.jsonl.
 
 metrics.jsonl (rank 0, in train.output_dir) gets one line per optimizer step
-({"step", "loss", "skipped", "lr"}) plus one per evaluation ({"step", "eval": {...}}). After a
+({"step", "loss", "skipped", "lr"}), one per log interval ({"step", "interval": {TensorBoard
+scalars}, "alpha": [...]}) and one per evaluation ({"step", "eval": {...}}). After a
 resume, steps that were re-run appear again: the last line of a step wins. Tests compare the
 per-step losses of interrupted and uninterrupted runs from this file.
 """
@@ -86,6 +87,7 @@ class Metrics:
         """TensorBoard scalars and the console line of one log interval."""
         if not self.enabled:
             return
+        self.jsonl.write(json.dumps({"step": step, "interval": scalars, "alpha": alphas}) + "\n")
         if self.tb is not None:
             for k, v in scalars.items():
                 if v is not None and math.isfinite(v):

@@ -1,0 +1,32 @@
+"""`make demo` end to end (the --quick variant) and the demo config kept in one piece."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+from train_support import PY, REPO, env
+
+from lamemo_ds.demo import DEMO_CONFIG, summary
+
+
+@pytest.mark.unit
+def test_configs_demo_yaml_matches_the_embedded_default():
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
+
+
+@pytest.mark.integration
+def test_demo_quick_end_to_end(tmp_path):
+    res = subprocess.run([PY, "-m", "lamemo_ds.demo", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    s = summary(run)
+    assert s["last_loss"] < s["first_loss"] - 0.5, s
+    assert s["eval"]["tokens"] > 0 and 0 < s["eval"]["bpc"] < 8
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "manifest.json").is_file()
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in res.stdout
+    assert str(run / "checkpoints" / latest) in res.stdout
