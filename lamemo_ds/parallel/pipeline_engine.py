@@ -54,7 +54,7 @@ def build_pipeline_engine(model: LaMemoLM, cfg: RunConfig, plan: Plan, *,
     ds_cfg = deepspeed_config(cfg, plan)
     plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
     params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim, cuda=cuda, skip_nonfinite=plain_fp32)
+    optimizer = build_optimizer(params, cfg.optim, skip_nonfinite=plain_fp32)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.max_steps)
     engine, ds_opt, _, ds_sched = deepspeed.initialize(model=pipe, optimizer=optimizer,
                                                        lr_scheduler=scheduler, config=ds_cfg)

@@ -87,7 +87,7 @@ class PipelineTrainer(Trainer):
                           stop=self.comm.any(stop_requested), wait_s=wait)
 
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0) -> EvalResult:
+    def evaluate(self, split: str, *, max_segments: int = 0, stop=None) -> EvalResult:
         """Loss over `split` from empty eval banks; the training memory is left untouched."""
         ev = self.plan.eval
         loader = OrderedStreams(
@@ -95,11 +95,15 @@ class PipelineTrainer(Trainer):
             dp_rank=self.dp_rank, dp_size=self.plan.dp_size, prefetch=self.cfg.data.prefetch,
             loop=False)
         by_index: dict[int, list[float]] = {}
+        interrupted = False
         self.pipe.reset_memory("eval")
         self.engine.reset_activation_shape()  # eval shapes (mem_len, rows) may differ
         try:
             for i, b in enumerate(loader):
                 if max_segments and i >= max_segments:
+                    break
+                if stop is not None and i and i % 16 == 0 and stop():
+                    interrupted = True
                     break
                 items = micro_batches(b.input.to(self.device), b.target.to(self.device),
                                       b.reset.to(self.device), micro_batch=ev.batch_size)
@@ -113,7 +117,7 @@ class PipelineTrainer(Trainer):
         tokens = len(losses) * ev.batch_size * ev.segment_len * self.plan.dp_size
         by_seg = [sum(by_index[k]) / len(by_index[k]) for k in sorted(by_index)]
         return EvalResult(loss=sum(losses) / max(len(losses), 1), tokens=tokens,
-                          by_segment=by_seg)
+                          by_segment=by_seg, interrupted=interrupted)
 
     # ------------------------------------------------------------------------- checkpoints
     def rank_state(self) -> dict:

@@ -135,6 +135,8 @@ class Trainer:
                               return_logits=False)
             loss = self.hooks.loss(self.step, m, out.loss)
             self.engine.backward(loss)
+            if m == self.plan.grad_accum - 1:
+                own_norm = self._plain_grad_norm()
             self.engine.step()
             new_states.append(out.state)
             loss_sum += loss.detach().double()
@@ -150,14 +152,23 @@ class Trainer:
         if applied:
             self.bank.commit(new_states)
         gn = self.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else float("nan")
+        gn = float(gn) if gn is not None else own_norm
         return StepResult(loss=loss_mean, skipped=not applied, grad_norm=gn,
                           stop=agreed[1].item() > 0, wait_s=wait,
                           alphas=[a.item() / self.plan.grad_accum for a in alpha_sum])
 
+    def _plain_grad_norm(self) -> float:
+        """Pre-clip global gradient norm on the ZeRO-0 fp32 path, where DeepSpeed clips without
+        reporting it (gradients are already all-reduced, so every rank gets the same value)."""
+        if not (self.plan.zero_stage == 0 and self.plan.precision == "fp32"):
+            return float("nan")
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0) -> EvalResult:
-        """Loss over `split` with a fresh memory bank, every rank contributing its streams."""
+    def evaluate(self, split: str, *, max_segments: int = 0, stop=None) -> EvalResult:
+        """Loss over `split` with a fresh memory bank, every rank contributing its streams;
+        `stop` (collective) ends it early on a preemption signal."""
         ev = self.plan.eval
         loader = OrderedStreams(
             self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
@@ -166,7 +177,7 @@ class Trainer:
         try:
             return evaluate(self.engine, loader, mem_len=ev.mem_len, clamp_len=ev.clamp_len,
                             same_length=ev.same_length, max_segments=max_segments,
-                            all_reduce=self.comm.all_reduce)
+                            all_reduce=self.comm.all_reduce, stop=stop)
         finally:
             loader.close()
 
@@ -256,11 +267,13 @@ class Trainer:
             if r.stop:
                 return self._preempted()
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
-                self._eval(cfg.data.valid_split, t.eval_max_segments)
+                if self._eval(cfg.data.valid_split, t.eval_max_segments, flag):
+                    return self._preempted()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
                 last_saved = self.step
-        self._eval(cfg.data.valid_split, t.eval_max_segments)
+        if self._eval(cfg.data.valid_split, t.eval_max_segments, flag):
+            return self._preempted()
         if last_saved != self.step:
             self.save()
         return EXIT_OK
@@ -293,8 +306,15 @@ class Trainer:
         alphas = [sum(col) / len(col) for col in zip(*rows)] if rows else []
         self.metrics.interval(self.step, scalars, alphas)
 
-    def _eval(self, split: str, max_segments: int) -> None:
-        self.metrics.eval(self.step, split, self.evaluate(split, max_segments=max_segments))
+    def _eval(self, split: str, max_segments: int, flag: StopFlag) -> bool:
+        """Evaluate and log; True when a stop signal interrupted it (nothing is logged then)."""
+        result = self.evaluate(split, max_segments=max_segments,
+                               stop=lambda: self.comm.any(flag.is_set))
+        if result.interrupted:
+            self.log(f"evaluation of {split} interrupted by a stop signal")
+            return True
+        self.metrics.eval(self.step, split, result)
+        return False
 
     def _preempted(self) -> int:
         self.log(f"stop signal received: saving step {self.step} and exiting")
