@@ -2,7 +2,7 @@
 loads on a machine without lamemo_ds.
 
 One source of truth: the modeling file is generated at export time by concatenating our own model
-modules (config schema, positional, attention, memory, adaptive, layers, lm) with their
+modules (config schema, positional, attention, dropout, memory, adaptive, layers, lm) with their
 package-relative imports removed, followed by export/hf_wrapper.py. The exported model therefore
 runs the same eager math as `lamemo eval`; tests compare their logits over several segments.
 """
@@ -28,6 +28,7 @@ MODEL_SOURCES = [
     ("config", "schema.py"),
     ("model", "positional.py"),
     ("model", "attention.py"),
+    ("model", "dropout.py"),
     ("model", "memory.py"),
     ("model", "adaptive.py"),
     ("model", "layers.py"),

@@ -124,36 +124,95 @@ def lookahead_mask(valid: torch.Tensor, *, mem_len: int, window_start: int, wind
     return real & (p > i)[None, None]
 
 
-class _SoftmaxLSE(torch.autograd.Function):
-    """probs = softmax(scores), lse = logsumexp(scores) in one pass, saving only probs.
+def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size) -> torch.Tensor:
+    """Gradient of `add_rel_shifted_` w.r.t. x: every entry of x is read at most once."""
+    *lead, n, k = bd_shape
+    g = d.new_empty(*lead, n * k)
+    g[..., : n - 1] = 0  # distances beyond the first query's reach: never read
+    g[..., n - 1:n - 1 + n * (k - 1)].view(*lead, n, k - 1).copy_(d[..., :, : k - 1])
+    g[..., n * k - 1] = d[..., n - 1, k - 1]
+    return g.view(bd_shape)
 
-    Backward: d scores = p * (dp - sum(dp * p)) + p * dlse.
+
+def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size, *,
+                               window_start: int) -> torch.Tensor:
+    """Gradient of `add_lookahead_shifted_` w.r.t. x (the two views may share one element)."""
+    *lead, m, xlen = bd_shape
+    w = d.shape[-1]
+    g = d.new_zeros(*lead, m * xlen)
+    if w > 1:
+        start = window_start - 1
+        g[..., start:start + m * (xlen - 1)].view(*lead, m, xlen - 1)[..., : w - 1] += \
+            d[..., : w - 1]
+    if xlen > 1:
+        g[..., m - 1:m - 1 + m * (xlen - 1):xlen - 1] += d[..., w - 1]
+    else:
+        g[..., :1] += d[..., w - 1]  # M = 1: one row, one distance
+    return g.view(bd_shape)
+
+
+class _ScoresSoftmax(torch.autograd.Function):
+    """scores = ac + shift(bd), masked; returns (softmax(scores), logsumexp(scores)).
+
+    One autograd node instead of a chain of shift/mask/logsumexp/exp ops: the forward works in
+    place in one buffer (the probabilities overwrite the scores), only the probabilities are
+    saved, and the backward writes the position-term gradient straight into bd's layout.
+    shift: "causal" (add_rel_shifted_), "lookahead" (add_lookahead_shifted_) or "none" (bd
+    already aligned with ac, or None).
+    Backward: d scores = p * (dp - sum(dp * p) + dlse).
     """
 
     @staticmethod
-    def forward(ctx, scores):
-        lse = torch.logsumexp(scores, dim=-1)  # [.., Q]
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+    def forward(ctx, ac, bd, allowed, shift: str, window_start: int, acc: torch.dtype):
+        scores = ac if ac.dtype == acc else ac.to(acc)
+        bd_acc = None if bd is None else (bd if bd.dtype == acc else bd.to(acc))
+        if shift == "causal":
+            add_rel_shifted_(scores, bd_acc)
+        elif shift == "lookahead":
+            add_lookahead_shifted_(scores, bd_acc, window_start=window_start)
+        elif bd_acc is not None:
+            scores += bd_acc
+        scores.masked_fill_(~allowed, NEG_INF)
+        peak = scores.amax(dim=-1, keepdim=True)  # [.., Q, 1]
+        probs = scores.sub_(peak).exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        probs.div_(total)
+        lse = (peak + total.log()).squeeze(-1)  # [.., Q]
+        if scores.data_ptr() == ac.data_ptr():
+            ctx.mark_dirty(ac)
         ctx.save_for_backward(probs)
+        ctx.meta = (shift, window_start, ac.dtype, None if bd is None else (bd.shape, bd.dtype))
         return probs, lse
 
     @staticmethod
     def backward(ctx, d_probs, d_lse):
         (probs,) = ctx.saved_tensors
+        shift, window_start, ac_dtype, bd_meta = ctx.meta
         if d_probs is None:
             d_probs = torch.zeros_like(probs)
         inner = (d_probs * probs).sum(-1, keepdim=True)
         if d_lse is not None:
             inner = inner - d_lse.unsqueeze(-1)
-        return probs * (d_probs - inner)
+        d = probs * (d_probs - inner)  # masked entries: probs = 0 -> 0
+        d_bd = None
+        if bd_meta is not None and ctx.needs_input_grad[1]:
+            shape, dtype = bd_meta
+            if shift == "causal":
+                d_bd = _scatter_rel_shifted(d, shape)
+            elif shift == "lookahead":
+                d_bd = _scatter_lookahead_shifted(d, shape, window_start=window_start)
+            else:
+                d_bd = d
+            d_bd = d_bd.to(dtype)
+        return d.to(ac_dtype), d_bd, None, None, None, None
 
 
-def _attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropatt: float,
-            training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention returning (output, logsumexp in >= fp32)."""
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    scores = torch.where(allowed, scores.to(acc), NEG_INF)
-    probs, lse = _SoftmaxLSE.apply(scores)
+def _attend(ac: torch.Tensor, bd: torch.Tensor | None, allowed: torch.Tensor, v: torch.Tensor,
+            dropatt: float, training: bool, *, shift: str,
+            window_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention over ac + shift(bd): (output, logsumexp in >= fp32)."""
+    acc = torch.float64 if ac.dtype == torch.float64 else torch.float32
+    probs, lse = _ScoresSoftmax.apply(ac, bd, allowed, shift, window_start, acc)
     probs = probs.to(v.dtype)
     if dropatt > 0 and training:
         probs = F.dropout(probs, p=dropatt, training=True)
@@ -171,9 +230,8 @@ def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length:
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,N,K]
     bd = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,N,D]@[H,D,K]->[B,H,N,K]
-    scores = add_rel_shifted_(ac, bd)
     allowed = causal_mask(valid, mem_len=mem_len, seg_len=n, same_length=same_length)
-    return _attend(scores, allowed, v, dropatt, training)
+    return _attend(ac, bd, allowed, v, dropatt, training, shift="causal")
 
 
 def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start: int,
@@ -188,12 +246,12 @@ def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start:
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,M,W]
     bd_full = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,M,X]
+    allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
+                             variant=variant)
     if variant == "unmasked_window":  # |p - i| is no shift: gather
         idx = lookahead_index(mem_len=mem_len, window_start=window_start, window_len=w,
                               variant=variant, device=q.device)  # [M, W]
-        scores = ac + bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
-    else:
-        scores = add_lookahead_shifted_(ac, bd_full, window_start=window_start)
-    allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
-                             variant=variant)
-    return _attend(scores, allowed, v, dropatt, training)
+        bd = bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
+        return _attend(ac, bd, allowed, v, dropatt, training, shift="none")
+    return _attend(ac, bd_full, allowed, v, dropatt, training, shift="lookahead",
+                   window_start=window_start)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config.schema import ModelConfig
 from . import attention as attn_ops
+from .dropout import Dropout
 from .memory import merge_lookahead
 
 
@@ -55,7 +56,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_inner)
         self.fc2 = nn.Linear(cfg.d_inner, cfg.d_model)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.pre_lnorm = cfg.pre_lnorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class DecoderLayer(nn.Module):
         self.r_net = nn.Linear(cfg.d_model, hd, bias=False)
         self.o_net = nn.Linear(hd, cfg.d_model, bias=False)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.ff = FeedForward(cfg)
         self.biases = PositionBiases(cfg) if cfg.untie_r else None
 

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig
 from .adaptive import AdaptiveEmbedding, AdaptiveSoftmax
+from .dropout import Dropout
 from .layers import DecoderLayer, PositionBiases
 from .memory import MemoryState, empty_state, keep_last
 from .positional import SinusoidTable, causal_distances, lookahead_distances
@@ -44,7 +45,7 @@ class LaMemoLM(nn.Module):
         self.biases = None if cfg.untie_r else PositionBiases(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.crit = AdaptiveSoftmax(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_val)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.activation_checkpointing = False
         self.reset_parameters()
         self.tie_weights()

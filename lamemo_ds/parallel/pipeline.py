@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig
 from ..model import LaMemoLM
+from ..model.dropout import Dropout
 from ..model.memory import empty_state, keep_last
 from ..model.positional import SinusoidTable
 from .pipeline_state import SlotBank, fits
@@ -91,7 +92,7 @@ class IOStage(nn.Module):
         super().__init__()
         self.word_emb = source.take("word_emb")
         self.crit = source.take("crit")
-        self.drop = nn.Dropout(ctx.cfg.dropout)
+        self.drop = Dropout(ctx.cfg.dropout)
         self.bank = SlotBank()
         self.ctx = ctx
 
@@ -141,7 +142,7 @@ class DecoderStage(nn.Module):
         self.last = index == ctx.cfg.n_layer - 1
         self.config = ctx.cfg  # position_table() reads config, pos_emb and drop
         self.pos_emb = SinusoidTable(ctx.cfg.d_model)
-        self.drop = nn.Dropout(ctx.cfg.dropout)
+        self.drop = Dropout(ctx.cfg.dropout)
         self.bank = SlotBank()
         self.ctx = ctx
 
