@@ -43,6 +43,30 @@ class _CPUDropout(torch.autograd.Function):
         return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
 
 
+class _CPUReluDropout(torch.autograd.Function):
+    """dropout(relu(x)) with one mask (kept and positive) and one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep, scale = _keep_mask(x.shape, p)
+        keep &= x > 0
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+
+
+def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """dropout(relu(x)): fused on CPU in training, the two plain ops elsewhere."""
+    if training and p > 0.0 and x.device.type == "cpu":
+        return _CPUReluDropout.apply(x, p)
+    return dropout(torch.relu(x), p, training)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config.schema import ModelConfig
 from . import attention as attn_ops
-from .dropout import Dropout
+from .dropout import Dropout, relu_dropout
 from .memory import merge_lookahead
 
 
@@ -61,7 +61,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = self.norm(x) if self.pre_lnorm else x
-        core = self.drop(self.fc2(self.drop(torch.relu(self.fc1(inp)))))
+        hidden = relu_dropout(self.fc1(inp), self.drop.p, self.training)  # [.., d_inner]
+        core = self.drop(self.fc2(hidden))
         return x + core if self.pre_lnorm else self.norm(x + core)
 
 
