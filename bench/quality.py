@@ -70,7 +70,8 @@ def train_one(memory: str, a) -> dict:
         "train.eval_max_segments": a.eval_segments, "train.output_dir": str(out),
         "eval.batch_size": a.batch, "checkpoint.interval": 0, "checkpoint.resume": False,
     }
-    cmd = lamemo_cmd() + ["train"] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    cmd = lamemo_cmd() + ["train", "--config", str(REPO / "configs" / "debug.yaml")] + [
+        x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     t0 = time.time()
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines()

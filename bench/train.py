@@ -45,7 +45,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 40, tiny 10)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--memory", nargs="+", default=["lamemo", "xl"])
+    p.add_argument("--json", help="also write the numbers to this JSON file")
     a = p.parse_args()
+    rows = []
     steps = a.steps or (10 if a.tiny else 40)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -59,9 +61,13 @@ def main() -> int:
         print(f"{'memory':8} {'tokens/s':>10} {'step s':>8} {'data wait':>10}")
         for memory in a.memory:
             s = run_one(work, data, memory=memory, steps=steps, nproc=a.nproc, tiny=a.tiny)
+            rows.append({"memory": memory, **s})
             print(f"{memory:8} {s['perf/target_tokens_per_s']:>10,.0f} "
                   f"{s['perf/step_time_s']:>8.3f} {100 * s['perf/data_wait_frac']:>9.2f}%",
                   flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"steps": steps, "nproc": a.nproc, "tiny": a.tiny,
+                                            "rows": rows}, indent=2))
     return 0
 
 

@@ -30,9 +30,13 @@ def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
 
 
 class _CPUDropout(torch.autograd.Function):
+    """dropout(x), or dropout(relu(x)) with one mask (kept and positive): one pass each way."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, relu: bool) -> torch.Tensor:
         keep, scale = _keep_mask(x.shape, p)
+        if relu:
+            keep &= x > 0
         ctx.save_for_backward(keep)
         ctx.scale = scale
         return torch.where(keep, x, 0.0).mul_(scale)
@@ -40,30 +44,13 @@ class _CPUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
-
-
-class _CPUReluDropout(torch.autograd.Function):
-    """dropout(relu(x)) with one mask (kept and positive) and one pass each way."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep, scale = _keep_mask(x.shape, p)
-        keep &= x > 0
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """dropout(relu(x)): fused on CPU in training, the two plain ops elsewhere."""
     if training and p > 0.0 and x.device.type == "cpu":
-        return _CPUReluDropout.apply(x, p)
+        return _CPUDropout.apply(x, p, True)
     return dropout(torch.relu(x), p, training)
 
 
@@ -72,7 +59,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return _CPUDropout.apply(x, p)
+    return _CPUDropout.apply(x, p, False)
 
 
 class Dropout(nn.Module):

@@ -18,13 +18,12 @@ import time
 
 import torch
 
-from ..checkpoint.manager import DS_TAG, CheckpointManager
+from ..checkpoint.manager import DS_TAG
 from ..config.derive import Plan
 from ..config.schema import RunConfig
 from ..data.streams import OrderedStreams
 from ..evaluation import EvalResult
 from ..model import LaMemoLM
-from ..model.flops import segment_flops
 from ..parallel.pipeline_engine import (
     build_pipeline_engine,
     load_logical,
@@ -33,7 +32,6 @@ from ..parallel.pipeline_engine import (
     train_batch,
     write_layer_map,
 )
-from .metrics import Metrics, peak_tflops
 from .trainer import Hooks, StepResult, Trainer, rng_state, seed_all, set_rng_state
 
 
@@ -42,32 +40,17 @@ class PipelineTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device,
                  hooks: Hooks | None = None, slurm_job_id: str | None = None):
-        self.cfg, self.plan, self.comm, self.device = cfg, plan, comm, device
-        self.hooks = hooks or Hooks()
-        self.slurm_job_id = slurm_job_id
-        self.rank = comm.rank
-        self.log = print if self.rank == 0 else (lambda *a, **k: None)
-        self.step, self.skipped_total, self.consecutive_skips = 0, 0, 0
         self.last_loss = float("nan")
-        seed_all(cfg.train.seed)  # identical initial parameters on every rank (= P=1 weights)
-        self.bundle = build_pipeline_engine(LaMemoLM(cfg.model).to(device), cfg, plan,
-                                            cuda=device.type == "cuda")
+        super().__init__(cfg, plan, comm=comm, device=device, hooks=hooks,
+                         slurm_job_id=slurm_job_id)
+
+    def _build_engine(self) -> None:
+        """Pipeline stages from the same seeded LaMemoLM as P=1 (so the weights are equal)."""
+        self.bundle = build_pipeline_engine(LaMemoLM(self.cfg.model).to(self.device), self.cfg,
+                                            self.plan, cuda=self.device.type == "cuda")
         self.engine = self.bundle.engine
         self.pipe = self.engine.module
         self.dp_rank = self.engine.grid.data_parallel_id  # stages of a replica read alike
-        seed_all(cfg.train.seed + 7919 * (self.rank + 1))
-        self.loader = OrderedStreams(
-            cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
-            dp_rank=self.dp_rank, dp_size=plan.dp_size, seed=cfg.train.seed,
-            random_roll=cfg.data.random_roll, prefetch=cfg.data.prefetch)
-        unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
-        self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
-                               tensorboard=cfg.logging.tensorboard, unit=unit)
-        self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
-                                      keep_last=cfg.checkpoint.keep_last, comm=comm,
-                                      log=self.log, on_phase=self.hooks.save_phase)
-        self.flops_per_token = segment_flops(cfg.model).per_target_token
-        self.peak = peak_tflops(cfg.logging.peak_tflops)
 
     # ------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepResult:

@@ -85,8 +85,6 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device,
                  hooks: Hooks | None = None, slurm_job_id: str | None = None):
-        from ..checkpoint.manager import CheckpointManager
-
         self.cfg, self.plan, self.comm, self.device = cfg, plan, comm, device
         self.hooks = hooks or Hooks()
         self.slurm_job_id = slurm_job_id
@@ -96,22 +94,35 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         seed_all(cfg.train.seed)  # identical initial parameters on every rank
+        self._build_engine()
+        seed_all(cfg.train.seed + 7919 * (self.rank + 1))  # dropout differs between ranks
+        self._build_io()
+
+    def _build_engine(self) -> None:
+        """Model + DeepSpeed engine, this rank's data-parallel index, the memory bank."""
+        cfg, plan, device = self.cfg, self.plan, self.device
         model = LaMemoLM(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.bundle = build_engine(model.to(device), cfg, plan, cuda=device.type == "cuda")
         self.engine = self.bundle.engine
-        seed_all(cfg.train.seed + 7919 * (self.rank + 1))  # dropout differs between ranks
-        self.loader = OrderedStreams(
-            cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
-            dp_rank=self.rank, dp_size=plan.dp_size, seed=cfg.train.seed,
-            random_roll=cfg.data.random_roll, prefetch=cfg.data.prefetch)
+        self.dp_rank = self.rank
         self.bank = StateBank(plan.grad_accum, lambda: self.engine.module.init_state(
             plan.micro_batch, device=device))
+
+    def _build_io(self) -> None:
+        """Training streams of this data-parallel rank, metrics and the checkpoint manager."""
+        from ..checkpoint.manager import CheckpointManager
+
+        cfg, plan = self.cfg, self.plan
+        self.loader = OrderedStreams(
+            cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
+            dp_rank=self.dp_rank, dp_size=plan.dp_size, seed=cfg.train.seed,
+            random_roll=cfg.data.random_roll, prefetch=cfg.data.prefetch)
         unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
         self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
                                tensorboard=cfg.logging.tensorboard, unit=unit)
         self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
-                                      keep_last=cfg.checkpoint.keep_last, comm=comm,
+                                      keep_last=cfg.checkpoint.keep_last, comm=self.comm,
                                       log=self.log, on_phase=self.hooks.save_phase)
         self.flops_per_token = segment_flops(cfg.model).per_target_token
         self.peak = peak_tflops(cfg.logging.peak_tflops)
