@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -70,6 +71,33 @@ def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
     assert all(sd[k].shape == ref[k].shape for k in ref)
     torch.testing.assert_close(sd["crit.out_layers.0.weight"], sd["word_emb.emb_layers.0.weight"],
                                rtol=0, atol=0)
+    _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, b)
+
+
+def _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, config) -> None:
+    """`lamemo convert --from deepspeed` on a P=2 checkpoint gives one model whose eager
+    evaluation equals the pipeline's own final evaluation of the same weights."""
+    run = tmp_path / "b"
+    out = tmp_path / "consolidated"
+    cli = [PY, "-m", "lamemo_ds.cli"]
+    r = subprocess.run(cli + ["convert", "--from", "deepspeed", str(run / "checkpoints"),
+                              "--to", "consolidated", str(out)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "pipeline layout" in r.stdout
+    cfg = load_config(str(config), [])
+    piped = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text()
+             .splitlines() if '"eval"' in line][-1]
+    result = tmp_path / "eval.json"
+    r = subprocess.run(cli + ["eval", "--model", str(out), "--data", str(data), "--split",
+                              cfg.data.valid_split, "--batch-size", str(cfg.eval.batch_size),
+                              "--max-segments", str(cfg.train.eval_max_segments),
+                              "--no-progress", "--output", str(result)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    eager = json.loads(result.read_text())
+    assert eager["tokens"] == piped["tokens"]
+    assert abs(eager["loss"] - piped["loss"]) <= 1e-5 * abs(piped["loss"]), (eager, piped)
 
 
 @pytest.mark.distributed

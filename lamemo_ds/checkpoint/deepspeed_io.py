@@ -92,11 +92,33 @@ def _load(path: Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
 
 
+def _widen(module: dict, source: Path, quiet: bool) -> dict:
+    half = [k for k, v in module.items() if v.dtype in (torch.float16, torch.bfloat16)]
+    if half and not quiet:
+        print(f"note  {source.name}: no fp32 master copy of {module[half[0]].dtype} module "
+              "weights; they are widened to fp32")
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def read_pipeline(ds: Path, quiet: bool = False) -> tuple[dict, str]:
+    """A pipeline-parallel DeepSpeed folder (layer files + layer_map.json) -> LaMemoLM state."""
+    from ..parallel.pipeline_engine import LAYER_MAP, logical_state_dict
+
+    files = sorted(ds.glob("layer_*-model_states.pt"))
+    if not (ds / LAYER_MAP).is_file():
+        raise CheckpointError(f"{ds}: pipeline layer files without {LAYER_MAP}: not written by "
+                              "lamemo train, or an interrupted save")
+    for f in tqdm(files, desc="verify", unit="file", leave=False):
+        _check_archive(f)
+    try:
+        sd = logical_state_dict(ds)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    return _widen(sd, ds, quiet), f"pipeline layout, {len(files)} layer file(s) verified"
+
+
 def inspect(step: Path) -> dict:
     """Layout of a step folder: zero stage, dp world size, files; all files verified."""
-    if any(step.glob("layer_*-model_states.pt")):
-        raise CheckpointError(f"{step} is a pipeline-parallel checkpoint (layer_*-model_states.pt)"
-                              "; convert it with the pipeline layout reader of lamemo_ds.parallel")
     stage3 = (step / MODEL_STATES_3.format(r=0)).is_file()
     first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES_02)
     _check_archive(first)
@@ -134,11 +156,7 @@ def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict
         module = info["states"].get("module")
         if not module:
             raise CheckpointError(f"{info['files'][0]} holds no module weights")
-        half = [k for k, v in module.items() if v.dtype in (torch.float16, torch.bfloat16)]
-        if half and not quiet:
-            print(f"note  {info['files'][0].name}: no fp32 master copy in a ZeRO-0 "
-                  f"{module[half[0]].dtype} checkpoint; the module weights are widened to fp32")
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        return _widen(module, info["files"][0], quiet)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -171,11 +189,16 @@ def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bo
     step = resolve_step_dir(path)
     run_cfg = _run_config(step, run_config)
     verify_manifest(step)
-    info = inspect(ds_folder(step))
+    ds = ds_folder(step)
+    if any(ds.glob("layer_*-model_states.pt")):
+        sd, what = read_pipeline(ds, quiet)
+    else:
+        info = inspect(ds)
+        what = (f"ZeRO-{info['zero_stage']}, {info['world_size']} data-parallel rank(s), "
+                f"{len(info['files'])} file(s) verified")
+        sd = consolidated_state_dict(step, info, quiet)
     if not quiet:
-        print(f"read  {step}: ZeRO-{info['zero_stage']}, {info['world_size']} data-parallel "
-              f"rank(s), {len(info['files'])} file(s) verified", flush=True)
-    sd = consolidated_state_dict(step, info, quiet)
+        print(f"read  {step}: {what}", flush=True)
     with torch.device("meta"):
         ref = LaMemoLM(run_cfg.model)
     aliases = tied_aliases(ref)
