@@ -99,8 +99,12 @@ def model_state_bytes(params: float, *, zero_stage: int, dp: int, precision: str
 
 
 def activation_bytes_per_stream(cfg: ModelConfig, *, precision: str, fused: bool,
-                                layers: int) -> float:
-    """Bytes autograd keeps for one stream (batch row) of one micro-batch through `layers`."""
+                                layers: int, device: str = "cuda") -> float:
+    """Bytes autograd keeps for one stream (batch row) of one micro-batch through `layers`.
+
+    On CPU the FFN's ReLU and dropout are one op keeping only a mask (model/dropout.py); on
+    CUDA the ReLU output is kept as well.
+    """
     e = 4 if precision == "fp32" else 2
     n, m = cfg.segment_len, cfg.mem_len if cfg.memory != "none" else 0
     lamemo = cfg.memory == "lamemo" and m > 0
@@ -108,19 +112,19 @@ def activation_bytes_per_stream(cfg: ModelConfig, *, precision: str, fused: bool
     k = n + m
     d, hd, di, h = cfg.d_model, cfg.n_head * cfg.d_head, cfg.d_inner, cfg.n_head
     drop = 1 if cfg.dropout > 0 else 0  # bool masks
+    hidden_copies = 1 if (device == "cpu" or not drop) else 2  # FFN hidden kept by autograd
     per_layer = (
         k * d * e  # layer input (cat of memory and current rows)
         + 3 * k * hd * e  # q, k, v
         + rows * hd * e  # attention output before W_o
         + 2 * rows * d * e + rows * d * drop  # residual/LN inputs, dropout mask
-        + 2 * rows * di * e + rows * di * drop  # FFN hidden (pre/post ReLU), dropout mask
+        + hidden_copies * rows * di * e + rows * di * drop  # FFN hidden, dropout mask
         + 2 * rows * d * e + rows * d * drop  # FFN output, LN input
     )
     if not fused:
-        per_layer += h * n * k * 4 * 2  # causal probabilities + shifted position scores (fp32)
+        per_layer += h * n * k * 4  # causal probabilities (fp32; the only [N, K] tensor kept)
         if lamemo:
-            w = min(m, n)
-            per_layer += h * m * (w * 4 * 2 + m * 4)  # look-ahead probs, scores, full BD
+            per_layer += h * m * min(m, n) * 4  # look-ahead probabilities
     else:
         per_layer += h * rows * 4  # logsumexp rows
     head = n * d * e * 2 + n * cfg.vocab_size * 4 * (1 if not cfg.cutoffs else 0.2)
