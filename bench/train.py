@@ -44,11 +44,13 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="tiny model, few steps (CI)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 40, tiny 10)")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--memory", nargs="+", default=["lamemo", "xl"])
+    p.add_argument("--memory", nargs="+",
+                   help="memory kinds to time (default lamemo xl; --tiny: lamemo)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     a = p.parse_args()
     rows = []
-    steps = a.steps or (10 if a.tiny else 40)
+    steps = a.steps or (6 if a.tiny else 40)
+    a.memory = a.memory or (["lamemo"] if a.tiny else ["lamemo", "xl"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
