@@ -43,6 +43,12 @@ def machine() -> dict:
     return info
 
 
+def machine_has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
@@ -153,6 +159,11 @@ def main(argv=None) -> int:
     rows = []
     for n in names:
         print(f"== {n}", flush=True)
+        if n == "attention" and not a.tiny and not machine_has_gpu():
+            rows.append({"name": n, "what": SUITE[n][2], "status": "skipped",
+                         "error": "needs a CUDA GPU (run `python bench/attention.py` on one; "
+                         "--tiny runs it on CPU through Triton's interpreter)"})
+            continue
         if n in reused:
             rows.append({"name": n, "what": SUITE[n][2], "status": "ok",
                          "command": f"{SUITE[n][0]} (result reused from {reused[n]})",
