@@ -129,6 +129,15 @@ def write_markdown(rows: list[dict], info: dict, sha: str, plots: list[str], pat
                 seg = run["bpc_by_segment"]
                 lines.append(f"| {run['memory']} | {run['valid_bpc']:.4f} | {seg[0]:.4f} | "
                              f"{seg[min(1, len(seg) - 1)]:.4f} | {seg[-1]:.4f} |")
+            best = min(r["result"]["runs"], key=lambda x: x["valid_bpc"])
+            c = r["result"].get("config", {})
+            lines += ["", f"Result: **{best['memory']}** has the lowest valid bpc "
+                      f"({best['valid_bpc']:.4f}) after {c.get('steps', '?')} steps of "
+                      f"L={c.get('layers', '?')} d={c.get('d_model', '?')} "
+                      f"N={c.get('seg_len', '?')} M={c.get('mem_len', '?')} "
+                      f"B={c.get('batch', '?')}. At this small CPU budget the three are within "
+                      "a few hundredths of a bit: rerun with a GPU-sized budget "
+                      "(`bench/quality.py --help`) before drawing conclusions about memory."]
         if r.get("error") and r["status"] != "ok":
             lines += ["", "```", r["error"].strip()[-1500:], "```"]
         lines.append("")
