@@ -28,7 +28,6 @@ file system every rank sees (as DeepSpeed's own checkpoints require).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import sha256_file
+
 DS_TAG = "deepspeed"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -49,12 +50,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import sha256_file
+
 BLOCK = 512  # tar block
 TAR_OVERHEAD = 8 * BLOCK  # per sample: 2 headers, json, npy header, padding, archive end
 
@@ -162,12 +164,6 @@ class FlatWriter:
                 "sha256": self.f.sha.hexdigest()}
 
 
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def check_file(path: Path, *, size: int, sha256: str, data_dir: Path, what: str) -> None:
@@ -178,7 +174,7 @@ def check_file(path: Path, *, size: int, sha256: str, data_dir: Path, what: str)
     if actual != size:
         raise ShardError(f"{what} {path} has {actual:,} bytes, manifest says {size:,} "
                          f"(truncated or replaced); {verify_hint(data_dir)}")
-    if file_sha256(path) != sha256:
+    if sha256_file(path) != sha256:
         raise ShardError(f"{what} {path} fails its sha256 check (corrupted); "
                          f"{verify_hint(data_dir)}")
 
