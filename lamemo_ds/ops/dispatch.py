@@ -65,56 +65,24 @@ def resolve(
     return "triton"
 
 
-def causal_attention(
-    q, k, v, r, u, vb, *, valid, mem_len, same_length, dropatt, training, impl="auto"
-):
+def _pick(name: str, impl: str, q, *, dropatt: float, training: bool):
+    """The function `name` of the implementation chosen for this call."""
+    choice = resolve(impl, device_type=q.device.type, dropatt=dropatt, training=training,
+                     dtype=q.dtype)
+    return getattr(eager if choice == "eager" else _fused_module(q.device.type), name)
+
+
+def causal_attention(q, k, v, r, u, vb, *, valid, mem_len, same_length, dropatt, training,
+                     impl="auto"):
     """Causal relative attention (SPEC §2) through the chosen implementation."""
-    choice = resolve(
-        impl, device_type=q.device.type, dropatt=dropatt, training=training, dtype=q.dtype
-    )
-    fn = (
-        eager.causal_rel_attention
-        if choice == "eager"
-        else _fused_module(q.device.type).causal_rel_attention
-    )
-    return fn(
-        q,
-        k,
-        v,
-        r,
-        u,
-        vb,
-        valid=valid,
-        mem_len=mem_len,
-        same_length=same_length,
-        dropatt=dropatt,
-        training=training,
-    )
+    fn = _pick("causal_rel_attention", impl, q, dropatt=dropatt, training=training)
+    return fn(q, k, v, r, u, vb, valid=valid, mem_len=mem_len, same_length=same_length,
+              dropatt=dropatt, training=training)
 
 
-def lookahead_attention(
-    q, k, v, r, u, vb, *, valid, mem_len, window_start, variant, dropatt, training, impl="auto"
-):
+def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len, window_start, variant, dropatt,
+                        training, impl="auto"):
     """Look-ahead attention (SPEC §3) through the chosen implementation."""
-    choice = resolve(
-        impl, device_type=q.device.type, dropatt=dropatt, training=training, dtype=q.dtype
-    )
-    fn = (
-        eager.lookahead_attention
-        if choice == "eager"
-        else _fused_module(q.device.type).lookahead_attention
-    )
-    return fn(
-        q,
-        k,
-        v,
-        r,
-        u,
-        vb,
-        valid=valid,
-        mem_len=mem_len,
-        window_start=window_start,
-        variant=variant,
-        dropatt=dropatt,
-        training=training,
-    )
+    fn = _pick("lookahead_attention", impl, q, dropatt=dropatt, training=training)
+    return fn(q, k, v, r, u, vb, valid=valid, mem_len=mem_len, window_start=window_start,
+              variant=variant, dropatt=dropatt, training=training)

@@ -115,20 +115,11 @@ class PipelineTrainer(Trainer):
                 "dp_size": self.plan.dp_size, "micro_batch": self.plan.micro_batch,
                 "grad_accum": self.plan.grad_accum, "parts": list(self.pipe.parts)}
 
-    def save(self) -> None:
-        def save_ds(folder: str, tag: str) -> None:
-            self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
-            if self.rank == 0:
-                write_layer_map(self.pipe, f"{folder}/{tag}")
-
-        meta = dict(self._layout(), zero_stage=self.plan.zero_stage,
-                    precision=self.plan.precision, model_memory=self.cfg.model.memory,
-                    time=time.time())
-        from ..config.load import dump_config
-
-        path = self.ckpt.save(self.step, save_deepspeed=save_ds, rank_state=self.rank_state(),
-                              config_text=dump_config(self.cfg), meta=meta)
-        self.log(f"checkpoint {path} (step {self.step})")
+    def _save_deepspeed(self, folder: str, tag: str) -> None:
+        """DeepSpeed's layer files, plus the layer map (layer file -> model names)."""
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+        if self.rank == 0:
+            write_layer_map(self.pipe, f"{folder}/{tag}")
 
     def resume(self) -> bool:
         """Load the newest verified checkpoint; True when one was loaded."""

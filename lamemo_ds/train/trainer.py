@@ -200,14 +200,21 @@ class Trainer:
                 "counters": {"skipped_total": self.skipped_total,
                              "consecutive_skips": self.consecutive_skips}}
 
+    def _layout(self) -> dict:
+        """How this run is laid out (saved in the checkpoint meta; compared on resume)."""
+        return {"world_size": self.comm.world_size, "dp_size": self.plan.dp_size,
+                "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
+
+    def _save_deepspeed(self, folder: str, tag: str) -> None:
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+
     def save(self) -> None:
-        meta = {"world_size": self.comm.world_size, "dp_size": self.plan.dp_size,
-                "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum,
-                "zero_stage": self.plan.zero_stage, "precision": self.plan.precision,
-                "model_memory": self.cfg.model.memory, "time": time.time()}
-        path = self.ckpt.save(self.step, save_deepspeed=lambda d, tag: self.engine.save_checkpoint(
-            d, tag=tag, save_latest=False), rank_state=self.rank_state(),
-            config_text=dump_config(self.cfg), meta=meta)
+        meta = dict(self._layout(), zero_stage=self.plan.zero_stage,
+                    precision=self.plan.precision, model_memory=self.cfg.model.memory,
+                    time=time.time())
+        path = self.ckpt.save(self.step, save_deepspeed=self._save_deepspeed,
+                              rank_state=self.rank_state(), config_text=dump_config(self.cfg),
+                              meta=meta)
         self.log(f"checkpoint {path} (step {self.step})")
 
     def resume(self) -> bool:
