@@ -68,10 +68,11 @@ def run_reference(cfg, plan, a) -> dict:
     capture_grads(eng, names, grads)
     mb = plan.micro_batch
     states = [model.init_state(mb) for _ in range(plan.grad_accum)]
+    alphas = []  # per step: each layer's mean alpha over the step's micro-batches
     for step in range(a.steps):
         x, y = step_data(step, streams=plan.global_batch, seg_len=cfg.model.segment_len,
                          vocab=cfg.model.vocab_size)
-        total = 0.0
+        total, alpha = 0.0, None
         for m in range(plan.grad_accum):
             rows = slice(m * mb, (m + 1) * mb)
             out = eng(x[rows], states[m], targets=y[rows], return_logits=False)
@@ -79,9 +80,11 @@ def run_reference(cfg, plan, a) -> dict:
             eng.step()
             states[m] = out.state
             total += out.loss.item()
+            alpha = [a.item() + b for a, b in zip(out.alpha, alpha or [0.0] * len(out.alpha))]
         losses.append(total / plan.grad_accum)
+        alphas.append([a / plan.grad_accum for a in alpha])
     tied = {"word_emb": model.word_emb.emb_layers[0].weight.detach().clone()}
-    return {"losses": losses, "grads": grads, "tied": tied}
+    return {"losses": losses, "grads": grads, "tied": tied, "alphas": alphas}
 
 
 def run_pipeline(cfg, plan, a) -> dict:
@@ -95,6 +98,7 @@ def run_pipeline(cfg, plan, a) -> dict:
     capture_grads(eng, logical, grads)
     rows = plan.rows_per_rank
     dp_id = eng.grid.data_parallel_id
+    alpha_sums = []  # per step: this rank's [2, n_layer] alpha sums and counts
     for step in range(a.steps):
         x, y = step_data(step, streams=plan.global_batch, seg_len=cfg.model.segment_len,
                          vocab=cfg.model.vocab_size)
@@ -103,12 +107,13 @@ def run_pipeline(cfg, plan, a) -> dict:
         items = micro_batches(x[mine], y[mine], reset, micro_batch=plan.micro_batch)
         loss, _ = train_batch(eng, items)
         losses.append(loss)
+        alpha_sums.append(eng.module.take_alpha_sums())
     io = eng.module.tied_modules["io"]
     tied = {"word_emb": io.word_emb.emb_layers[0].weight.detach().clone(),
             "biases": torch.cat([p.detach().flatten() for p in eng.module.ctx.biases.parameters()])}
     owned = sorted(logical[id(p)] for p in eng.module.parameters() if not p.ds_pipe_replicated)
     return {"losses": losses, "grads": grads, "tied": tied, "stage": eng.stage_id,
-            "dp": dp_id, "owned": owned}
+            "dp": dp_id, "owned": owned, "alpha_sums": alpha_sums}
 
 
 def main() -> None:

@@ -50,6 +50,12 @@ def assert_same_training(ref: dict, ranks: list[dict]) -> None:
         assert len(r["losses"]) == len(ref["losses"]) == 5
         for step, (a, b) in enumerate(zip(ref["losses"], r["losses"])):
             assert abs(a - b) < 1e-5, f"step {step + 1}: loss {b} vs reference {a}"
+    if ref["alphas"] and ref["alphas"][0]:  # lamemo: every layer's mean alpha, per step
+        summed = sum(torch.stack(r["alpha_sums"]) for r in ranks)  # [steps, 2, n_layer]
+        assert bool((summed[:, 1] > 0).all()), "a layer reported no alpha"
+        got = (summed[:, 0] / summed[:, 1]).tolist()
+        for step, (a, b) in enumerate(zip(ref["alphas"], got)):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, f"step {step + 1}: {b} vs {a}"
     seen = set()
     for r in ranks:
         for name in r["owned"]:  # a stage's unused copies of the other stage's io parameters

@@ -54,6 +54,12 @@ def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
     a = write_config(tmp_path / "a.yaml", data, tmp_path / "a", parallel=PIPE,
                      train=dict(TRAIN, eval_interval=2, eval_max_segments=2))
     _ok(spawn(a))
+    n_layer = load_config(str(a), []).model.n_layer
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text()
+              .splitlines() if '"interval"' in line]
+    assert logged and all(len(r["alpha"]) == n_layer for r in logged)  # every stage's layers
+    assert all(0.0 <= x < 1.0 for r in logged for x in r["alpha"])
+    assert any(x > 0.0 for x in logged[-1]["alpha"])  # memory is real after the first step
     b = write_config(tmp_path / "b.yaml", data, tmp_path / "b", parallel=PIPE, train=TRAIN,
                      checkpoint={"interval": 3, "keep_last": 3})
     assert _kill_run(b, kill_at=4) == -9

@@ -57,7 +57,8 @@ class StageContext:
     eval: Window
     activation_checkpointing: bool = False
     biases: nn.Module | None = None  # this rank's BiasStage, linked after the build
-    alphas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> last mean alpha
+    # layer -> (sum of the mean look-ahead alpha over this step's training micro-batches, count)
+    alpha_sums: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def window(self, training: bool) -> Window:
         w = self.train if training else self.eval
@@ -170,7 +171,10 @@ class DecoderStage(nn.Module):
             out = self.layer(*args, **kwargs)
         if lam:
             self.bank.put(self.training, slot, {"ctx": out.ctx, "lse": out.lse})
-            self.ctx.alphas[self.index] = out.alpha
+            if self.training:
+                total, count = self.ctx.alpha_sums.get(self.index, (0.0, 0))
+                alpha = out.alpha.detach().double()  # stays on the device: no host sync here
+                self.ctx.alpha_sums[self.index] = (alpha + total, count + 1)
         elif xl:
             self.bank.put(self.training, slot, {"hidden": keep_last(mem, cur, m)})
         if lam and not self.last:
@@ -290,6 +294,17 @@ class LaMemoPipe(PipelineModule):
         for weight, _ in self.get_tied_weights_and_groups():
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
+
+    def take_alpha_sums(self) -> torch.Tensor:
+        """[2, n_layer] float64: per layer, the summed mean alpha of the training micro-batches
+        run on this rank since the last call, and their count (zeros for other stages' layers).
+        Summing this over all ranks and dividing gives the mean alpha of every layer."""
+        n = self.ctx.cfg.n_layer
+        out = torch.zeros(2, n, dtype=torch.float64)
+        for i, (total, count) in self.ctx.alpha_sums.items():
+            out[0, i], out[1, i] = total.item(), count
+        self.ctx.alpha_sums.clear()
+        return out
 
     # -- memory -----------------------------------------------------------------------------
     def local_banks(self) -> dict[int, SlotBank]:

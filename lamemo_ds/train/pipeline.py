@@ -65,9 +65,17 @@ class PipelineTrainer(Trainer):
                                "applied the update; parameters may be corrupt")
         self.last_loss = loss
         gn = self.engine.get_global_grad_norm()
+        # one collective for the stop flag and every layer's mean alpha (layers live on
+        # different stages): [stop, alpha sums..., counts...] summed over all ranks
+        local = torch.cat([torch.tensor([float(stop_requested)], dtype=torch.float64),
+                           self.pipe.take_alpha_sums().flatten()])
+        agreed = self.comm.all_reduce(local)
+        n = self.cfg.model.n_layer
+        sums, counts = agreed[1:1 + n], agreed[1 + n:]
+        alphas = (sums / counts).tolist() if bool((counts > 0).all()) else []
         return StepResult(loss=loss, skipped=not applied,
                           grad_norm=float(gn) if gn is not None else float("nan"),
-                          stop=self.comm.any(stop_requested), wait_s=wait)
+                          stop=agreed[0].item() > 0, wait_s=wait, alphas=alphas)
 
     # ------------------------------------------------------------------------- evaluation
     def evaluate(self, split: str, *, max_segments: int = 0, stop=None) -> EvalResult:
