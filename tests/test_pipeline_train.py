@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
 import torch
 from train_support import PY, RUNNER, env, free_port, losses, prepare_corpus, spawn, write_config
 
-from lamemo_ds.checkpoint.manager import step_dir_name
+from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name
 from lamemo_ds.config.derive import World, resolve
 from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError
 from lamemo_ds.model import LaMemoLM
+from lamemo_ds.parallel.dist import Comm
 from lamemo_ds.parallel.pipeline_engine import logical_state_dict
 
 PIPE = {"pipeline_stages": 2, "zero_stage": 0}
@@ -78,6 +80,31 @@ def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
     torch.testing.assert_close(sd["crit.out_layers.0.weight"], sd["word_emb.emb_layers.0.weight"],
                                rtol=0, atol=0)
     _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, b)
+
+
+@pytest.mark.distributed
+def test_nan_loss_on_the_last_stage_skips_the_step_everywhere(data, tmp_path):
+    """P=2: a NaN loss on stage 1 in step 2 -> both stages skip it (no update, memory of the
+    step dropped), training goes on, and the checkpoint holds finite weights and memory."""
+    c = write_config(tmp_path / "n.yaml", data, tmp_path / "run", parallel=PIPE,
+                     train=dict(TRAIN, max_steps=3), checkpoint={"interval": 3})
+    res = spawn(c, args=("--fault-rank", "1", "--nan-at", "1"))
+    _ok(res)
+    recs = losses(tmp_path / "run")
+    assert sorted(recs) == [1, 2, 3] and math.isnan(recs[2])
+    assert math.isfinite(recs[1]) and math.isfinite(recs[3])
+    assert "step 2: skipped" in res[0].stdout
+    found = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3,
+                              comm=Comm()).find_latest()
+    assert found.step == 3
+    sd = logical_state_dict(found.path / "deepspeed")
+    assert all(torch.isfinite(t).all() for t in sd.values())
+    for rank in (0, 1):
+        st = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3,
+                               comm=Comm()).load_rank_state(found, rank)
+        assert st["counters"]["skipped_total"] == 1
+        slots = [slot for layer in st["memory"].values() for slot in layer.values()]
+        assert slots and all(torch.isfinite(t.float()).all() for s in slots for t in s.values())
 
 
 def _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, config) -> None:

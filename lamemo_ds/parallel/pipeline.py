@@ -253,6 +253,7 @@ class LaMemoPipe(PipelineModule):
         source.release()
         self.entries = entries
         self.loss_fn = self._loss
+        self.loss_hook = None  # training only: f(loss) -> loss (the trainer's fault hooks)
         if "biases" in self.tied_modules:
             self.ctx.biases = self.tied_modules["biases"].biases
         if "io" in self.tied_modules:
@@ -282,7 +283,8 @@ class LaMemoPipe(PipelineModule):
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean NLL of the last stage's hidden rows [B, N, d] against targets [B, N]."""
-        return self.tied_modules["io"].crit.nll(hidden, targets).mean()
+        loss = self.tied_modules["io"].crit.nll(hidden, targets).mean()
+        return self.loss_hook(loss) if self.loss_hook is not None and self.training else loss
 
     def materialize_tied_grads(self) -> None:
         """Zero gradients for tied weights that have none yet.

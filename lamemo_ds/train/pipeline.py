@@ -50,10 +50,18 @@ class PipelineTrainer(Trainer):
                                             self.plan, cuda=self.device.type == "cuda")
         self.engine = self.bundle.engine
         self.pipe = self.engine.module
+        self._micro = 0  # micro-batch index within the step, for the loss hook
+        self.pipe.loss_hook = self._hooked_loss
         self.dp_rank = self.engine.grid.data_parallel_id  # stages of a replica read alike
+
+    def _hooked_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Hooks.loss on the last stage, as the data-parallel trainer applies it."""
+        micro, self._micro = self._micro, self._micro + 1
+        return self.hooks.loss(self.step, micro, loss)
 
     # ------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepResult:
+        self._micro = 0
         t0 = time.perf_counter()
         batch = next(self.loader)  # every stage reads it: identical loader state everywhere
         wait = time.perf_counter() - t0
