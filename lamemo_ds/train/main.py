@@ -33,6 +33,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     `hooks` (train.trainer.Hooks) is the fault-injection point of the tests.
     """
     from ..config.load import dump_config, load_config
+    from ..fileio import require_shared_folder
 
     cfg = load_config(config, overrides)  # unknown keys and bad values fail here, quickly
     import torch
@@ -59,6 +60,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
+    require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder
     if plan.pp_size > 1:  # pipeline parallelism: stage-local memory (train/pipeline.py)
         from .pipeline import PipelineTrainer as Trainer
     trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
