@@ -179,20 +179,26 @@ class OrderedStreams:
     def _window(self, start: np.ndarray | int, width: int) -> np.ndarray:
         """Tokens [start, start+width) of each of this rank's rows, as int64 ([R, width]).
 
-        `start` is one position shared by all rows (never wraps: the fast path, one strided
-        view and one cast) or one per row (rolled: a row may wrap round its stream's end).
+        `start` is one position shared by all rows (never wraps: one strided view, one cast)
+        or one per row (rolled): then one gather of every row's window and one cast, after which
+        the few rows that wrap round their stream's end are rewritten in two pieces. Few numpy
+        calls per chunk matter: each one hands the GIL back and forth with the consumer.
         """
         R, L, flat = self.rows, self.stream_len, self._flat
+        isz, first = flat.itemsize, int(self._row_base[0])
         if isinstance(start, int):
-            isz = flat.itemsize
             view = np.ndarray((R, width), dtype=flat.dtype, buffer=flat,
-                              offset=(int(self._row_base[0]) + start) * isz,
+                              offset=(first + start) * isz,
                               strides=(L * isz, isz))  # [R, width], no copy
             return view.astype(np.int64)
-        out = np.empty((R, width), dtype=np.int64)
-        for r, (base, s) in enumerate(zip(self._row_base.tolist(), start.tolist(), strict=True)):
-            head = min(width, L - s)  # width <= L: wraps at most once
-            out[r, :head] = flat[base + s:base + s + head]
+        windows = np.lib.stride_tricks.as_strided(
+            flat[first:], shape=(R, L - width + 1, width), strides=(L * isz, isz, isz),
+            writeable=False)  # [R, L-width+1, width]: every window of every row, no copy
+        out = windows[np.arange(R), np.minimum(start, L - width)].astype(np.int64)  # [R, width]
+        for r in np.flatnonzero(start > L - width).tolist():  # width <= L: wraps at most once
+            base, s = first + r * L, int(start[r])
+            head = L - s
+            out[r, :head] = flat[base + s:base + L]
             out[r, head:] = flat[base:base + width - head]
         return out
 
