@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="steps profiled after the timed ones for the GEMM breakdown")
     p.add_argument("--memories", default="lamemo,xl,none")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run for CI")
     p.add_argument("--json", help="write results to this JSON file")
@@ -59,29 +61,60 @@ def bench_one(memory: str, a) -> dict:
     model = LaMemoLM(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=2.5e-4, fused=True)  # one kernel, all params
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, a.vocab, (a.batch, (a.warmup + a.steps) * a.seg_len + 1), generator=g)
+    n_seg = a.warmup + a.steps + a.profile_steps
+    data = torch.randint(0, a.vocab, (a.batch, n_seg * a.seg_len + 1), generator=g)
     state, times = None, []
     rss0 = peak_rss_mib()
-    for s in range(a.warmup + a.steps):
+
+    def step(s: int, state):
         x = data[:, s * a.seg_len:(s + 1) * a.seg_len]
         y = data[:, s * a.seg_len + 1:(s + 1) * a.seg_len + 1]
-        t0 = time.perf_counter()
         out = model(x, state, targets=y)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state = out.state
+        return out.state
+
+    for s in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        state = step(s, state)
         dt = time.perf_counter() - t0
         if s >= a.warmup:
             times.append(dt)
+    gemm = gemm_breakdown(step, a.warmup + a.steps, state, a.profile_steps)
     med = statistics.median(times)
     flops = segment_flops(cfg)
     tokens = a.batch * a.seg_len
     return {"memory": memory, "step_s": med, "tokens_per_s": tokens / med,
             "flops_per_token": flops.per_target_token,
             "gflops_per_s": flops.per_target_token * tokens / med / 1e9,
-            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - rss0}
+            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - rss0,
+            **gemm, "gemm_ceiling_tokens_per_s": tokens / gemm["gemm_s"]}
+
+
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def gemm_breakdown(step, first: int, state, count: int) -> dict:
+    """`count` more steps under the profiler: time and FLOP rate of their matrix multiplies.
+
+    The GEMM time alone bounds the step from below on this machine: `gemm_ceiling` is the
+    tokens/s the step would reach if everything else (softmax, dropout, LayerNorm, Adam, Python)
+    took no time at all.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        for s in range(first, first + count):
+            state = step(s, state)
+        wall = time.perf_counter() - t0
+    ev = [e for e in prof.key_averages() if e.key in GEMM_OPS]
+    gemm_s = sum(e.self_cpu_time_total for e in ev) / 1e6 / count  # per step
+    gemm_flops = sum(e.flops for e in ev) / count
+    return {"gemm_s": gemm_s, "gemm_share": gemm_s * count / wall,
+            "gemm_gflops_per_s": gemm_flops / max(gemm_s, 1e-9) / 1e9}
 
 
 def main(argv=None) -> int:
@@ -89,7 +122,7 @@ def main(argv=None) -> int:
     if a.tiny:
         a.layers, a.d_model, a.heads, a.d_head, a.d_inner = 2, 32, 2, 16, 64
         a.seg_len = a.mem_len = 16
-        a.batch, a.steps, a.warmup = 2, 2, 1
+        a.batch, a.steps, a.warmup, a.profile_steps = 2, 2, 1, 1
     torch.set_num_threads(a.threads)
     rows = [bench_one(m, a) for m in a.memories.split(",")]
     by = {r["memory"]: r for r in rows}
@@ -97,11 +130,14 @@ def main(argv=None) -> int:
           f"N={a.seg_len} M={a.mem_len} B={a.batch} V={a.vocab} dropout={a.dropout} "
           f"threads={a.threads} torch={torch.__version__}")
     print(f"{'memory':8} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'GFLOP/tok':>10} "
-          f"{'peak RSS MiB':>13}")
+          f"{'peak RSS MiB':>13} {'GEMM ms':>8} {'GEMM GF/s':>10} {'GEMM-bound tok/s':>17}")
     for r in rows:
         print(f"{r['memory']:8} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} "
               f"{r['gflops_per_s']:8.1f} {r['flops_per_token'] / 1e9:10.4f} "
-              f"{r['peak_rss_mib']:13.0f}")
+              f"{r['peak_rss_mib']:13.0f} {r['gemm_s'] * 1e3:8.1f} "
+              f"{r['gemm_gflops_per_s']:10.1f} {r['gemm_ceiling_tokens_per_s']:17.0f}")
+    print("GEMM ms: the matrix multiplies of a profiled step; GEMM-bound tok/s: the rate if "
+          "everything else were free")
     summary = {"rows": rows, "config": vars(a)}
     if "lamemo" in by and "xl" in by:
         t_ratio = by["lamemo"]["step_s"] / by["xl"]["step_s"]
