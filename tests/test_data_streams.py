@@ -85,7 +85,7 @@ def _crossing_index(data_dir: Path, s: OrderedStreams) -> tuple[int, int]:
 def _batches_equal(a, b) -> bool:
     return all(torch.equal(x.input, y.input) and torch.equal(x.target, y.target)
                and torch.equal(x.reset, y.reset) and (x.epoch, x.index) == (y.epoch, y.index)
-               for x, y in zip(a, b, strict=True))
+               and torch.equal(x.offsets, y.offsets) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("roll", [False, True])
@@ -167,3 +167,93 @@ def test_corrupted_shard_raises_on_every_rank(tmp_path, data_dir):
 def test_too_small_split_error_names_the_fix(data_dir):
     with pytest.raises(ValueError, match="too few"):
         OrderedStreams(str(data_dir), "train", seg_len=4096, rows=64)
+
+
+def _reference_batch(s: OrderedStreams, T: np.ndarray, epoch: int, index: int) -> dict:
+    """The batch at (epoch, index) by the definition, one token at a time (slow, plainly right)."""
+    S, L, R = s.num_streams, s.stream_len, s.rows
+    rolls = s.rolls(epoch)
+    rows = range(s.dp_rank * R, (s.dp_rank + 1) * R)
+    pos = [[g * L + (index * N + rolls[g] + j) % L for j in range(N + 1)] for g in rows]
+    win = np.array([[int(T[p]) for p in row] for row in pos], dtype=np.int64)  # [R, N+1]
+    assert len(rolls) == S
+    return {"input": win[:, :-1], "target": win[:, 1:], "offsets": np.array([p[0] for p in pos]),
+            "reset": np.full(R, index == 0), "wraps": any(p[-1] < p[0] for p in pos)}
+
+
+@pytest.mark.parametrize("roll", [False, True])
+def test_make_batch_matches_the_definition_including_wrapped_rows(data_dir, roll):
+    s = OrderedStreams(str(data_dir), "train", seg_len=N, rows=2, dp_rank=1, dp_size=2, seed=3,
+                       random_roll=roll)
+    T = open_tokens(data_dir, "train")
+    wrapped = 0
+    for epoch in (0, 1):
+        for index in range(s.segments_per_epoch):
+            b, ref = s.make_batch(epoch, index), _reference_batch(s, T, epoch, index)
+            assert (b.epoch, b.index) == (epoch, index)
+            assert b.input.dtype == b.target.dtype == b.offsets.dtype == torch.int64
+            for key in ("input", "target", "offsets", "reset"):
+                assert np.array_equal(getattr(b, key).numpy(), ref[key]), (epoch, index, key)
+            wrapped += ref["wraps"]
+    assert (wrapped > 0) == roll  # the rolled path really read across a stream's end
+    with pytest.raises(ValueError, match="outside epoch"):
+        s.make_batch(0, s.segments_per_epoch)
+
+
+def _chunk_for(spe: int) -> int:
+    """A chunk size that does not divide the epoch, so a short chunk ends it."""
+    return next(k for k in (5, 7, 11) if spe % k)
+
+
+@pytest.mark.parametrize(("roll", "loop"), [(False, True), (True, True), (False, False),
+                                            (True, False)])
+def test_chunked_prefetch_equals_make_batch_across_epochs(data_dir, roll, loop):
+    kw = dict(seg_len=N, rows=3, seed=5, random_roll=roll, loop=loop, prefetch=2)
+    spe = OrderedStreams(str(data_dir), "train", **kw).segments_per_epoch
+    chunk = _chunk_for(spe)
+    s = OrderedStreams(str(data_dir), "train", **kw, chunk=chunk)
+    n = spe + 3 * chunk + 1 if loop else spe + 5
+    with s:
+        got = list(itertools.islice(s, n))
+    assert len(got) == (n if loop else spe) and n > 2 * chunk
+    want = [s.make_batch(e, i) for e, i in itertools.islice(
+        ((e, i) for e in itertools.count() for i in range(spe)), len(got))]
+    assert _batches_equal(got, want)
+    if loop:  # epoch 1 starts with a reset, and the roll (only) moves its tokens
+        assert got[spe].reset.all() and not got[spe + 1].reset.any()
+        assert torch.equal(got[spe].input, got[0].input) != roll
+
+
+@pytest.mark.parametrize("roll", [False, True])
+def test_resume_mid_chunk_continues_identically(data_dir, roll):
+    kw = dict(seg_len=N, rows=3, seed=9, random_roll=roll, prefetch=4)
+    spe = OrderedStreams(str(data_dir), "train", **kw).segments_per_epoch
+    chunk = _chunk_for(spe)
+    with OrderedStreams(str(data_dir), "train", **kw, chunk=chunk) as ref:
+        full = list(itertools.islice(ref, spe + 3 * chunk + 3))
+    for stop in (chunk + 2, spe - 1, spe + chunk + 1):  # inside a chunk, last of epoch, epoch 1
+        with OrderedStreams(str(data_dir), "train", **kw, chunk=chunk) as a:
+            list(itertools.islice(a, stop))
+            state = json.loads(json.dumps(a.state_dict()))
+        assert (state["epoch"], state["index"]) == divmod(stop, spe)  # not where the thread is
+        b = OrderedStreams(str(data_dir), "train", **kw, chunk=3)  # other chunking, same batches
+        b.load_state_dict(state)
+        with b:
+            assert _batches_equal(list(itertools.islice(b, chunk + 2)),
+                                  full[stop: stop + chunk + 2]), stop
+
+
+def test_forced_reset_marks_only_the_first_batch_after_resume(data_dir):
+    a = OrderedStreams(str(data_dir), "train", seg_len=N, rows=2, chunk=4)
+    with a:
+        list(itertools.islice(a, 6))
+        state = a.state_dict()
+    b = OrderedStreams(str(data_dir), "train", seg_len=N, rows=4, chunk=4)
+    with pytest.warns(UserWarning, match="re-partitioned"):
+        b.load_state_dict(state)
+    e, i = b.state_dict()["epoch"], b.state_dict()["index"]
+    with b:
+        got = list(itertools.islice(b, 6))
+    assert i > 0 and _batches_equal(got[:1], [b.make_batch(e, i, reset=True)])
+    assert _batches_equal(got[1:], [b.make_batch(e, i + k) for k in range(1, 6)])
+    assert got[0].reset.all() and not any(g.reset.any() for g in got[1:])

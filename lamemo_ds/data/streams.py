@@ -6,6 +6,10 @@ stream's memory always continues its own text. Every stream yields the same numb
 so no rank runs dry. A batch is a pure function of (epoch, index): that makes state_dict tiny
 and resume exact, and lets a background thread prefetch without any reordering.
 
+Speed: the thread reads a `Chunk` of K consecutive segments with one int64 copy (one strided
+cast, or one slice per row when rolled) and the consumer splits it into K `Batch`es of views,
+so the per-batch Python is a few C calls; a chunk ends at the epoch's end.
+
 Shapes: R = rows (streams of this rank), N = seg_len.
 """
 
@@ -23,7 +27,8 @@ import torch
 from .manifest import load_manifest, open_tokens
 
 STATE_VERSION = 1
-CHUNK = 8  # batches handed over per queue item: amortises the thread hand-off
+CHUNK_BYTES = 4 << 20  # int64 window bytes per prefetch hand-off (sets the default chunk)
+MAX_CHUNK = 64  # batches per hand-off at most (tiny batches)
 
 
 @dataclass
@@ -36,6 +41,36 @@ class Batch:
     epoch: int
     index: int  # segment index within the epoch (same for every row)
     offsets: torch.Tensor  # [R] int64: split position of input[:, 0]
+
+
+@dataclass
+class Chunk:
+    """K consecutive batches as three arrays: what the prefetch thread hands over.
+
+    Batch k is segment index+k of every row: tokens [k*N, (k+1)*N] of the window, which holds
+    K*N+1 consecutive tokens of each row. One copy of the window serves the whole chunk and the
+    batch tensors are views of it, because a copy per batch costs more Python than reading the
+    tokens does. Every batch keeps the whole window's storage alive.
+    """
+
+    epoch: int
+    index: int  # segment index of batch 0
+    seg_len: int  # N
+    window: np.ndarray  # [R, K*N+1] int64
+    flags: np.ndarray  # [K, R] bool: reset
+    offsets: np.ndarray  # [K, R] int64: split position of each batch's input[:, 0]
+
+    def batches(self) -> list[Batch]:
+        """The K `Batch`es, as views (a few C calls for the whole chunk)."""
+        (K, R), N, W = self.flags.shape, self.seg_len, self.window.shape[1]
+        window = torch.from_numpy(self.window)  # [R, W]
+        inputs = window.as_strided((K, R, N), (N, W, 1)).unbind(0)  # K x [R, N]
+        targets = window.as_strided((K, R, N), (N, W, 1), 1).unbind(0)  # K x [R, N]
+        resets = torch.from_numpy(self.flags).unbind(0)  # K x [R]
+        offsets = torch.from_numpy(self.offsets).unbind(0)  # K x [R]
+        e, i0 = self.epoch, self.index
+        return [Batch(x, y, f, e, i, o) for i, x, y, f, o in
+                zip(range(i0, i0 + K), inputs, targets, resets, offsets, strict=True)]
 
 
 class OrderedStreams:
@@ -51,22 +86,28 @@ class OrderedStreams:
         dp_size: data-parallel world size.
         seed: seed of the per-epoch random roll.
         random_roll: from epoch 1 on, roll every stream by a random offset (reference training).
-        prefetch: batches prepared ahead by the background thread.
+        prefetch: batches the background thread keeps prepared ahead, at least (it works in
+            whole chunks, so up to about prefetch + 2 chunks are held).
+        chunk: batches built with one copy and handed over together (default: a ~4 MiB int64
+            window, at most 64). Bigger amortises the per-batch Python and thread hand-off.
         loop: True: epochs forever; False: one pass (evaluation), then StopIteration.
         verify: check the token file's sha256 on open (cheap next to a training run).
     """
 
     def __init__(self, data_dir: str, split: str, *, seg_len: int, rows: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, random_roll: bool = False, prefetch: int = 4,
-                 loop: bool = True, verify: bool = True):
-        if seg_len < 1 or rows < 1 or dp_size < 1 or prefetch < 1:
+                 loop: bool = True, verify: bool = True, chunk: int | None = None):
+        if chunk is None:
+            chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // (8 * rows * (seg_len + 1))))
+        if min(seg_len, rows, dp_size, prefetch, chunk) < 1:
             raise ValueError(f"seg_len={seg_len}, rows={rows}, dp_size={dp_size}, "
-                             f"prefetch={prefetch}: all must be >= 1")
+                             f"prefetch={prefetch}, chunk={chunk}: all must be >= 1")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
         self.data_dir, self.split = str(data_dir), split
         self.seg_len, self.rows, self.dp_rank, self.dp_size = seg_len, rows, dp_rank, dp_size
         self.seed, self.random_roll, self.prefetch, self.loop = seed, random_roll, prefetch, loop
+        self.chunk = chunk
         self.manifest = load_manifest(data_dir)
         self.tokens = open_tokens(data_dir, split, verify_sha=verify)  # [T]
         self.num_streams = dp_size * rows
@@ -79,7 +120,6 @@ class OrderedStreams:
                 f"seg_len+1={seg_len + 1} tokens each; use fewer rows or a shorter seg_len")
         self._flat = self.tokens.view(np.ndarray)  # plain ndarray: slicing a memmap is slow
         self._row_base = (dp_rank * rows + np.arange(rows, dtype=np.int64)) * self.stream_len
-        self._steps = np.arange(seg_len + 1, dtype=np.int64)
         self._roll_cache: tuple[int, np.ndarray | None] = (-1, None)
         self._epoch, self._index, self._force_reset = 0, 0, False
         self._thread: threading.Thread | None = None
@@ -104,25 +144,63 @@ class OrderedStreams:
         return base + (index * self.seg_len + self.rolls(epoch)) % self.stream_len
 
     def make_batch(self, epoch: int, index: int, *, reset: bool = False) -> Batch:
-        """The batch at (epoch, index) for this rank: a pure function of its arguments."""
+        """The batch at (epoch, index) for this rank: a pure function of its arguments.
+
+        The iterator builds its batches with the same `read_chunk` + `Chunk.batches`, K at a
+        time, and the window of K segments holds each one's tokens at the same place, so what it
+        yields equals this function batch for batch.
+        """
+        return self.make_chunk(epoch, index, count=1, reset=reset)[0]
+
+    def make_chunk(self, epoch: int, index: int, *, count: int, reset: bool = False
+                   ) -> list[Batch]:
+        """`count` consecutive batches from (epoch, index): `read_chunk(...).batches()`."""
+        return self.read_chunk(epoch, index, count=count, reset=reset).batches()
+
+    def read_chunk(self, epoch: int, index: int, *, count: int, reset: bool = False) -> Chunk:
+        """Segments index..index+count-1 of `epoch` for this rank, with one int64 copy.
+
+        The prefetch thread runs this (the copy releases the GIL); the consumer runs the cheap
+        `Chunk.batches()`. `count` may not cross the epoch's end: the next epoch has new rolls.
+        """
         R, N, L = self.rows, self.seg_len, self.stream_len
-        first = self.dp_rank * R
-        roll = self._rank_rolls(epoch)  # [R]
-        if roll is None:
-            start = first * L + index * N
-            isz = self._flat.itemsize
-            view = np.ndarray((R, N + 1), dtype=self._flat.dtype, buffer=self._flat,
-                              offset=start * isz, strides=(L * isz, isz))  # [R, N+1], no copy
-            offs = self._row_base + index * N
-        else:
-            pos = (index * N + roll[:, None] + self._steps) % L  # [R, N+1]
-            view = self._flat[self._row_base[:, None] + pos]  # [R, N+1]
-            offs = self._row_base + pos[:, 0]
-        window = torch.from_numpy(view.astype(np.int64))  # [R, N+1], the only copy
-        flags = np.full(R, reset or index == 0, dtype=np.bool_)
-        # input and target are overlapping views of one buffer (row stride N+1)
-        return Batch(input=window[:, :-1], target=window[:, 1:], reset=torch.from_numpy(flags),
-                     epoch=epoch, index=index, offsets=torch.from_numpy(offs))
+        epoch, index = int(epoch), int(index)  # numpy integers would take the rolled path
+        if count < 1 or not 0 <= index <= self.segments_per_epoch - count:
+            raise ValueError(f"segments [{index}, {index + count}) outside epoch of "
+                             f"{self.segments_per_epoch} segments (count must be >= 1)")
+        roll = self._rank_rolls(epoch)  # [R] or None
+        start = index * N if roll is None else (index * N + roll) % L  # int or [R]
+        window = self._window(start, count * N + 1)  # [R, K*N+1] int64, the only copy
+        offs = self._row_base + (start + N * np.arange(count, dtype=np.int64)[:, None]) % L
+        flags = np.zeros((count, R), dtype=np.bool_)  # [K, R]
+        flags[0] = reset or index == 0
+        return Chunk(epoch, index, N, window, flags, offs)
+
+    def _window(self, start: np.ndarray | int, width: int) -> np.ndarray:
+        """Tokens [start, start+width) of each of this rank's rows, as int64 ([R, width]).
+
+        `start` is one position shared by all rows (never wraps: one strided view, one cast)
+        or one per row (rolled): then one gather of every row's window and one cast, after which
+        the few rows that wrap round their stream's end are rewritten in two pieces. Few numpy
+        calls per chunk matter: each one hands the GIL back and forth with the consumer.
+        """
+        R, L, flat = self.rows, self.stream_len, self._flat
+        isz, first = flat.itemsize, int(self._row_base[0])
+        if isinstance(start, int):
+            view = np.ndarray((R, width), dtype=flat.dtype, buffer=flat,
+                              offset=(first + start) * isz,
+                              strides=(L * isz, isz))  # [R, width], no copy
+            return view.astype(np.int64)
+        windows = np.lib.stride_tricks.as_strided(
+            flat[first:], shape=(R, L - width + 1, width), strides=(L * isz, isz, isz),
+            writeable=False)  # [R, L-width+1, width]: every window of every row, no copy
+        out = windows[np.arange(R), np.minimum(start, L - width)].astype(np.int64)  # [R, width]
+        for r in np.flatnonzero(start > L - width).tolist():  # width <= L: wraps at most once
+            base, s = first + r * L, int(start[r])
+            head = L - s
+            out[r, :head] = flat[base + s:base + L]
+            out[r, head:] = flat[base:base + width - head]
+        return out
 
     def _rank_rolls(self, epoch: int) -> np.ndarray | None:
         """This rank's rows of `rolls(epoch)` (None when all zero: the fast strided path)."""
@@ -143,21 +221,26 @@ class OrderedStreams:
         return self.segments_per_epoch
 
     def __next__(self) -> Batch:
-        if self._done(self._epoch, self._index):
-            raise StopIteration
-        if self._thread is None:
-            self._start()
+        # the hot path: pop a prefetched batch; the thread never builds one past the end
         if not self._ready:
-            got = self._queue.get()
-            if isinstance(got, BaseException):
-                self._thread = None
-                raise got
-            self._ready.extend(got)
+            self._refill()
         item = self._ready.popleft()
         assert (item.epoch, item.index) == (self._epoch, self._index), "prefetch out of order"
         self._epoch, self._index = self._successor(item.epoch, item.index)
         self._force_reset = False
         return item
+
+    def _refill(self) -> None:
+        """Wait for the next chunk (starting the thread first); StopIteration past the end."""
+        if self._done(self._epoch, self._index):
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        got = self._queue.get()
+        if isinstance(got, BaseException):
+            self._thread = None
+            raise got
+        self._ready.extend(got.batches())
 
     def _done(self, epoch: int, index: int) -> bool:
         return not self.loop and epoch >= 1
@@ -165,7 +248,7 @@ class OrderedStreams:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._ready = collections.deque()
-        self._queue = queue.Queue(maxsize=max(1, -(-self.prefetch // CHUNK)))
+        self._queue = queue.Queue(maxsize=max(1, -(-self.prefetch // self.chunk)))
         args = (self._epoch, self._index, self._force_reset, self._stop, self._queue)
         self._thread = threading.Thread(target=self._produce, args=args, daemon=True,
                                         name=f"OrderedStreams-{self.split}")
@@ -173,13 +256,13 @@ class OrderedStreams:
 
     def _produce(self, epoch: int, index: int, reset: bool, stop: threading.Event,
                  q: queue.Queue) -> None:
+        """Build chunks from (epoch, index) on; a chunk never crosses an epoch boundary."""
         try:
             while not stop.is_set() and not self._done(epoch, index):
-                item = []
-                while len(item) < min(CHUNK, self.prefetch) and not self._done(epoch, index):
-                    item.append(self.make_batch(epoch, index, reset=reset))
-                    reset = False
-                    epoch, index = self._successor(epoch, index)
+                count = min(self.chunk, self.segments_per_epoch - index)
+                item = self.read_chunk(epoch, index, count=count, reset=reset)
+                reset = False
+                epoch, index = self._successor(epoch, index + count - 1)
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
