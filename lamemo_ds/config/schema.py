@@ -115,7 +115,8 @@ class DataConfig:
     random_roll: bool = False
     """At each new epoch, roll every training stream by a random offset (reference training)."""
     prefetch: int = 4
-    """Batches prepared ahead by the background thread."""
+    """Batches the background thread keeps ready, at least (it reads whole chunks of ~4 MiB,
+    so a few more may be held)."""
 
     def validate(self, path: str = "data") -> DataConfig:
         _check(bool(self.path), f"{path}.path", "must name a prepared data folder")
