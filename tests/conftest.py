@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference vectors beside the checkout, and small model configs."""
+"""Shared fixtures: the reference vectors, one prepared corpus and one Slurm cluster per session."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm_cluster import slurm_fixture  # noqa: F401  (fixture "slurm": one cluster per session)
+from train_support import prepare_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,12 @@ def reference_vectors() -> Path:
 @pytest.fixture(scope="session")
 def reference_cases(reference_vectors) -> dict:
     return json.loads((reference_vectors / "cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The byte-level stdlib corpus the training tests share, prepared once (read-only)."""
+    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib")
 
 
 @pytest.fixture(autouse=True)
