@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,29 @@ def reference_cases(reference_vectors) -> dict:
 def corpus(tmp_path_factory) -> Path:
     """The byte-level stdlib corpus the training tests share, prepared once (read-only)."""
     return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib")
+
+
+@pytest.fixture
+def lamemo(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """`lamemo ARGS...` run in this process: exit code, stdout and stderr as the console script
+    gives them, without paying a fresh interpreter's torch import (seconds) per call. Only for
+    commands that start no process group (tests of launches start real processes)."""
+    from lamemo_ds.cli import main
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # what the interpreter does with an uncaught SystemExit
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["lamemo", *argv], code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture(autouse=True)
