@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from train_support import env, losses, prepare_corpus, write_config
+from train_support import env, losses, write_config
 
 from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.config import load_config
@@ -18,8 +18,8 @@ from lamemo_ds.model import LaMemoLM
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path):
-    data = prepare_corpus(tmp_path / "data")
+def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path, corpus):
+    data = corpus
     cfg_path = write_config(tmp_path / "src.yaml", data, tmp_path / "unused",
                             parallel={"zero_stage": 0},
                             train={"max_steps": 6, "log_interval": 1})
