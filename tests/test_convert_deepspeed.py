@@ -8,18 +8,14 @@ are not the initial ones.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_support import free_port
+from train_support import run_ranks
 
 from lamemo_ds.checkpoint.safetensors_io import load_model_folder
 
-REPO = Path(__file__).resolve().parents[1]
 SEG = 16
 MODEL_YAML = """model:
   vocab_size: 257
@@ -72,25 +68,15 @@ for stage in stages:  # one launch writes every layout: process start-up is most
 '''
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def make_checkpoints(root: Path, stages: tuple[int, ...]) -> dict[int, Path]:
-    """One 2-process torchrun that trains and saves a checkpoint per ZeRO stage: stage -> the
+    """One 2-process launch that trains and saves a checkpoint per ZeRO stage: stage -> the
     step folder (its parent holds config.yaml and the live engine's logits, live.pt)."""
     for stage in stages:
         (root / f"z{stage}").mkdir(parents=True, exist_ok=True)
         (root / f"z{stage}" / "config.yaml").write_text(MODEL_YAML)
     (root / "worker.py").write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(root / "worker.py"), str(root),
-           *map(str, stages)]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for r in run_ranks([str(root / "worker.py"), str(root), *map(str, stages)], timeout=600):
+        assert r.returncode == 0, r.stdout[-3000:]
     return {stage: root / f"z{stage}" / "step-3" for stage in stages}
 
 
