@@ -75,3 +75,13 @@ def lamemo(capsys) -> Callable[..., subprocess.CompletedProcess]:
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), each test module runs on one worker so its
+    module fixtures run once, and the whole slurm tier on one worker so it shares one cluster."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
