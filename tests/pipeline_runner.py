@@ -4,7 +4,7 @@
 `--stages P`: the pipeline engine. Both train the same identically seeded model for `--steps`
 steps on the same seeded random streams with memory carried, and write to `--out`:
 losses (per step), the gradient of every parameter at step 1 under its LaMemoLM name, and the
-tied weights of this rank after the last step.
+tied weights of this rank after the last step: `rank-R.pt` holds one such dict per `--case`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import shlex
 from pathlib import Path
 
 import torch
@@ -116,30 +117,56 @@ def run_pipeline(cfg, plan, a) -> dict:
             "dp": dp_id, "owned": owned, "alpha_sums": alpha_sums}
 
 
-def main() -> None:
+def add_case_options(p: argparse.ArgumentParser, *, default=None) -> None:
+    """The options that make one case (model, batch, steps); `default` overrides every default
+    (argparse.SUPPRESS: a --case string sets only what it names)."""
+    def opt(name, value, **kw):
+        p.add_argument(name, default=value if default is None else default, **kw)
+
+    opt("--micro", 2, type=int)
+    opt("--accum", 2, type=int)
+    opt("--layers", 3, type=int)
+    opt("--steps", 5, type=int)
+    opt("--zero", 0, type=int)
+    opt("--memory", "lamemo")
+    opt("--ckpt", False, action="store_true")
+    opt("--adaptive", False, action="store_true")
+
+
+def parse_cases(argv=None) -> tuple[argparse.Namespace, list[argparse.Namespace]]:
+    """Top-level options, and one namespace per `--case "OPTIONS"` (or the top level alone):
+    several cases share one launch, since process start-up dominates these tiny runs."""
     p = argparse.ArgumentParser()
     p.add_argument("--stages", type=int, default=1)
-    p.add_argument("--micro", type=int, default=2)
-    p.add_argument("--accum", type=int, default=2)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--zero", type=int, default=0)
-    p.add_argument("--memory", default="lamemo")
-    p.add_argument("--ckpt", action="store_true")
-    p.add_argument("--adaptive", action="store_true")
+    add_case_options(p)
+    p.add_argument("--case", action="append", default=[],
+                   help="options of one case, e.g. \"--memory xl --adaptive\" (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--watchdog", type=float, default=150.0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    one = argparse.ArgumentParser()
+    add_case_options(one, default=argparse.SUPPRESS)
+    cases = [argparse.Namespace(**{**vars(a), **vars(one.parse_args(shlex.split(c)))})
+             for c in a.case] or [a]
+    return a, cases
+
+
+def main() -> None:
+    a, cases = parse_cases()
     faulthandler.dump_traceback_later(a.watchdog, exit=True)  # a hang fails loudly
     torch.set_num_threads(1)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     denv = dist.discover()
-    cfg = make_cfg(a)
-    plan = resolve(cfg, World(world_size=denv.world_size))
     dist.init_distributed(denv, backend="gloo")
-    result = run_pipeline(cfg, plan, a) if a.stages > 1 else run_reference(cfg, plan, a)
-    torch.save(result, Path(a.out) / f"rank-{denv.rank}.pt")
-    print(json.dumps({"rank": denv.rank, "losses": result["losses"]}), flush=True)
+    results = []
+    for case in cases:
+        cfg = make_cfg(case)
+        plan = resolve(cfg, World(world_size=denv.world_size))
+        run = run_pipeline if case.stages > 1 else run_reference
+        results.append(run(cfg, plan, case))
+        print(json.dumps({"rank": denv.rank, "losses": results[-1]["losses"]}), flush=True)
+        torch.distributed.barrier()
+    torch.save(results, Path(a.out) / f"rank-{denv.rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

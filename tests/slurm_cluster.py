@@ -157,6 +157,8 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 EnforcePartLimits=ALL
 MinJobAge={self.min_job_age_s}
+# start a submitted batch job at the next scheduling pass, not up to 3 s later
+SchedulerParameters=batch_sched_delay=0
 MailProg=/bin/true
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -304,9 +306,10 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(out)
 
 
-@pytest.fixture(scope="module", name="slurm")
+@pytest.fixture(scope="session", name="slurm")
 def slurm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A running cluster for one test module; its daemons are stopped even when a test fails."""
+    """A running cluster shared by the slurm tier (tests/conftest.py registers it once); its
+    daemons are stopped at the end of the session, also when a test fails."""
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()

@@ -4,12 +4,9 @@ protocol and lengths, and --record stores it in the model folder's card."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from train_support import env, prepare_corpus
 
 from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.checkpoint.safetensors_io import load_model_folder
@@ -20,22 +17,19 @@ from lamemo_ds.model import LaMemoLM
 
 
 @pytest.mark.integration
-def test_eval_cli_matches_evaluate_and_records(tmp_path):
-    data = prepare_corpus(tmp_path / "data")
+def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
     cfg = ModelConfig(vocab_size=257, n_layer=1, n_head=2, d_model=16, d_head=8, d_inner=32,
                       dropout=0.0, segment_len=8, mem_len=8)
     torch.manual_seed(0)
     write_target("consolidated", Loaded(model=LaMemoLM(cfg), source="t"), tmp_path / "m",
                  quiet=True)
-    base = [sys.executable, "-m", "lamemo_ds.cli", "eval", "--model", str(tmp_path / "m"),
-            "--data", str(data), "--split", "valid", "--batch-size", "2", "--max-segments", "3",
-            "--no-progress"]
-    r = subprocess.run(base + ["--record"], env=env(), capture_output=True, text=True,
-                       timeout=300)
+    base = ["eval", "--model", str(tmp_path / "m"), "--data", str(corpus), "--split", "valid",
+            "--batch-size", "2", "--max-segments", "3", "--no-progress"]
+    r = lamemo(*base, "--record")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     model, _ = load_model_folder(tmp_path / "m")
-    want = evaluate(model, OrderedStreams(str(data), "valid", seg_len=8, rows=2, loop=False),
+    want = evaluate(model, OrderedStreams(str(corpus), "valid", seg_len=8, rows=2, loop=False),
                     max_segments=3)
     assert res["protocol"] == "paper" and res["mem_len"] == 8 and res["segment_len"] == 8
     assert res["loss"] == pytest.approx(want.loss, rel=1e-9)
@@ -44,12 +38,10 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path):
     assert "valid/paper" in json.loads((tmp_path / "m" / "eval.json").read_text())
     assert f"{res['bpc']}" in (tmp_path / "m" / "README.md").read_text()
 
-    r = subprocess.run(base + ["--protocol", "xl", "--mem-len", "24", "--seg-len", "4"],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    r = lamemo(*base, "--protocol", "xl", "--mem-len", "24", "--seg-len", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     xl = json.loads(r.stdout)
     assert (xl["protocol"], xl["mem_len"], xl["segment_len"], xl["same_length"]) == \
         ("xl", 24, 4, True)
-    r = subprocess.run(base + ["--protocol", "xl"], env=env(), capture_output=True, text=True,
-                       timeout=300)
+    r = lamemo(*base, "--protocol", "xl")
     assert r.returncode != 0 and "--mem-len" in r.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +12,10 @@ from lamemo_ds.checkpoint.safetensors_io import load_model_folder, load_weights
 from lamemo_ds.config import ModelConfig
 from lamemo_ds.model import LaMemoLM
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=61, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32,
                    dropout=0.0, segment_len=8, mem_len=8)
 ADAPTIVE = ModelConfig(vocab_size=61, n_layer=1, n_head=2, d_model=16, d_head=8, d_inner=32,
                        dropout=0.0, segment_len=8, mem_len=8, cutoffs=(20, 40), div_val=2)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def trained_like(cfg: ModelConfig, seed: int = 0) -> LaMemoLM:
@@ -58,7 +48,7 @@ def test_consolidated_stores_tied_weights_once_and_reloads(cfg, tmp_path):
 
 
 @pytest.mark.unit
-def test_sharded_weights_have_an_index_and_reload(tmp_path):
+def test_sharded_weights_have_an_index_and_reload(tmp_path, lamemo):
     model = trained_like(TINY)
     files = write_target("consolidated", Loaded(model=model, source="t"), tmp_path / "c",
                          max_shard_bytes=4096, dtype=torch.bfloat16, quiet=True)
@@ -70,63 +60,63 @@ def test_sharded_weights_have_an_index_and_reload(tmp_path):
     index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / "c" / victim).unlink()
-    r = cli("convert", "--from", "consolidated", str(tmp_path / "c"), "--to", "hf",
-            str(tmp_path / "h"))
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "c"), "--to", "hf",
+               str(tmp_path / "h"))
     assert r.returncode == 1 and victim in r.stderr and not (tmp_path / "h").exists()
 
 
 @pytest.mark.integration
-def test_reference_round_trip_through_the_cli(tmp_path):
+def test_reference_round_trip_through_the_cli(tmp_path, lamemo):
     model = trained_like(TINY)
     write_target("consolidated", Loaded(model=model, source="t"), tmp_path / "a", quiet=True)
-    r = cli("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "reference",
-            str(tmp_path / "ref"))
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "reference",
+               str(tmp_path / "ref"))
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and (tmp_path / "ref" / "reference.pt").is_file()
     ref_sd = torch.load(tmp_path / "ref" / "reference.pt", weights_only=True)
     assert "layers.0.dec_attn.q_net.weight" in ref_sd and "r_r_bias_future" in ref_sd
     # a bare reference file needs the model shape
-    r = cli("convert", "--from", "reference", str(tmp_path / "ref" / "reference.pt"), "--to",
-            "consolidated", str(tmp_path / "b"))
+    r = lamemo("convert", "--from", "reference", str(tmp_path / "ref" / "reference.pt"), "--to",
+               "consolidated", str(tmp_path / "b"))
     assert r.returncode != 0 and "--config" in r.stderr and not (tmp_path / "b").exists()
     sets = [f"model.{k}={v}" for k, v in [("vocab_size", 61), ("n_layer", 2), ("n_head", 2),
             ("d_model", 16), ("d_head", 8), ("d_inner", 32), ("segment_len", 8),
             ("mem_len", 8), ("dropout", 0.0)]]
-    r = cli("convert", "--from", "reference", str(tmp_path / "ref" / "reference.pt"), "--to",
-            "consolidated", str(tmp_path / "b"), *[a for s in sets for a in ("--set", s)])
+    r = lamemo("convert", "--from", "reference", str(tmp_path / "ref" / "reference.pt"), "--to",
+               "consolidated", str(tmp_path / "b"), *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 0, r.stderr
     back, _ = load_model_folder(tmp_path / "b")
     same_tensors(model, back)
-    r = cli("convert", "--from", "reference", str(tmp_path / "ref"), "--to", "consolidated",
-            str(tmp_path / "c"))  # a folder carries its config.json
+    r = lamemo("convert", "--from", "reference", str(tmp_path / "ref"), "--to", "consolidated",
+               str(tmp_path / "c"))  # a folder carries its config.json
     assert r.returncode == 0, r.stderr
     same_tensors(model, load_model_folder(tmp_path / "c")[0])
 
 
 @pytest.mark.integration
-def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
+def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, lamemo):
     model = trained_like(TINY)
     write_target("consolidated", Loaded(model=model, source="t"), tmp_path / "a", quiet=True)
     # existing output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep")
-    r = cli("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "hf",
-            str(tmp_path / "busy"))
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "hf",
+               str(tmp_path / "busy"))
     assert r.returncode == 1 and "--force" in r.stderr
     assert (tmp_path / "busy" / "x").read_text() == "keep"
     # truncated weights
     w = tmp_path / "a" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
-    r = cli("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "hf",
-            str(tmp_path / "o"))
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "a"), "--to", "hf",
+               str(tmp_path / "o"))
     assert r.returncode == 1 and "model.safetensors" in r.stderr
     # a config that does not match the tensors
     write_target("consolidated", Loaded(model=model, source="t"), tmp_path / "d", quiet=True)
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     cfg["lamemo_model"]["d_inner"] = 48
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
-    r = cli("convert", "--from", "consolidated", str(tmp_path / "d"), "--to", "reference",
-            str(tmp_path / "o"))
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "d"), "--to", "reference",
+               str(tmp_path / "o"))
     assert r.returncode == 1 and "fc1.weight" in r.stderr and "(48, 16)" in r.stderr
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

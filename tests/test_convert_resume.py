@@ -3,12 +3,9 @@ resumes from it, and its first step's loss equals the source model's loss on tha
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from train_support import env, losses, prepare_corpus, write_config
+from train_support import losses, run_ranks, write_config
 
 from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.config import load_config
@@ -18,8 +15,8 @@ from lamemo_ds.model import LaMemoLM
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path):
-    data = prepare_corpus(tmp_path / "data")
+def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path, corpus, lamemo):
+    data = corpus
     cfg_path = write_config(tmp_path / "src.yaml", data, tmp_path / "unused",
                             parallel={"zero_stage": 0},
                             train={"max_steps": 6, "log_interval": 1})
@@ -32,20 +29,17 @@ def test_converted_checkpoint_resumes_with_the_source_loss(tmp_path):
     write_target("consolidated", Loaded(model=model, source="t", run_config=run_cfg),
                  tmp_path / "src", quiet=True)
     out = tmp_path / "resharded"
-    r = subprocess.run([sys.executable, "-m", "lamemo_ds.cli", "convert", "--from",
-                        "consolidated", str(tmp_path / "src"), "--to", "deepspeed", str(out),
-                        "--set", "parallel.zero_stage=3", "--world-size", "2", "--step", "5"],
-                       env=env(), capture_output=True, text=True, timeout=600)
+    # in-process: the command itself starts the writer ranks (torchrun)
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "src"), "--to", "deepspeed",
+               str(out), "--set", "parallel.zero_stage=3", "--world-size", "2", "--step", "5")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "write ZeRO-3, 2 process(es), step 5" in r.stdout
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000005"
 
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "lamemo_ds.cli", "train", "--config",
-                        str(out / "config.yaml")], env=env(), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "resumed from" in r.stdout
+    ranks = run_ranks(["-m", "lamemo_ds.cli", "train", "--config", str(out / "config.yaml")])
+    for r in ranks:
+        assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from" in ranks[0].stdout
     got = losses(out)
     assert min(got) == 6  # the first step after the resume is step 6
 

@@ -4,9 +4,6 @@ cache never re-runs the context, sampling filters behave, and the CLI streams te
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,6 @@ from lamemo_ds.commands.generate import Stepper, generate_ids, sample
 from lamemo_ds.config import ModelConfig
 from lamemo_ds.model import LaMemoLM
 
-REPO = Path(__file__).resolve().parents[1]
 SEG = 4
 
 
@@ -74,15 +70,12 @@ def test_sampling_filters_and_seed():
 
 
 @pytest.mark.integration
-def test_generate_cli_streams_text(tmp_path):
+def test_generate_cli_streams_text(tmp_path, lamemo):
     model = tiny("lamemo", vocab=257)
     write_target("consolidated", Loaded(model=model, source="t"), tmp_path / "m", quiet=True)
     (tmp_path / "m" / "tokenizer.json").write_text(
         json.dumps({"kind": "byte", "vocab_size": 257, "eos_id": 256}))
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "lamemo_ds.cli", "generate", "--model",
-                        str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "10",
-                        "--temperature", "0"], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = lamemo("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello",
+               "--max-new-tokens", "10", "--temperature", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Hello") and len(r.stdout.encode()) > len("Hello")

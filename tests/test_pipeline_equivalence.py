@@ -1,8 +1,9 @@
 """Pipeline parallelism trains the same model as the data-parallel engine (CPU, gloo).
 
-Each case starts tests/pipeline_runner.py ranks: the reference (one process, the DeepSpeed
+Each layout starts tests/pipeline_runner.py ranks: the reference (one process, the DeepSpeed
 data-parallel engine, every stream) and the pipeline (P stages x DP replicas) from the same
-seeded weights and data, with memory carried over 5 steps and gradient clipping active.
+seeded weights and data, with memory carried over 5 steps and gradient clipping active; one
+launch per layout runs several cases in turn.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, nproc: int, *args: str, timeout: float = 150) -> list[dict]:
-    """Run `nproc` ranks of the runner; return each rank's result dict."""
+def launch(out: Path, nproc: int, *args: str, timeout: float = 150) -> list[list[dict]]:
+    """Run `nproc` ranks of the runner; return each rank's result dicts (one per --case)."""
     out.mkdir(parents=True, exist_ok=True)
     port = str(_port())
     procs = []
@@ -66,12 +67,25 @@ def assert_same_training(ref: dict, ranks: list[dict]) -> None:
     assert seen == set(ref["grads"]), f"no gradient for {set(ref['grads']) - seen}"
 
 
+# name -> runner options; one launch per layout runs them all in turn (start-up is most of the
+# cost). Each case builds its own seeded model and engine; checkpointing is set per module.
+CASES = {"plain": "", "xl-adaptive": "--memory xl --adaptive", "act-ckpt": "--ckpt"}
+
+
+@pytest.fixture(scope="module")
+def p2_vs_p1(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """case -> (the P=1 reference's result, each P=2 rank's result), 5 steps each."""
+    root = tmp_path_factory.mktemp("pipe")
+    cases = [f"--case={opts}" for opts in CASES.values()]
+    (ref,) = launch(root / "p1", 1, *cases, timeout=240)
+    ranks = launch(root / "p2", 2, "--stages", "2", *cases, timeout=240)
+    return {name: (ref[i], [r[i] for r in ranks]) for i, name in enumerate(CASES)}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "act-ckpt"])
-def test_p2_equals_p1(tmp_path, ckpt):
-    extra = ["--ckpt"] if ckpt else []
-    (ref,) = launch(tmp_path / "p1", 1, *extra)
-    ranks = launch(tmp_path / "p2", 2, "--stages", "2", *extra)
+@pytest.mark.parametrize("case", ["plain", "act-ckpt"])
+def test_p2_equals_p1(p2_vs_p1, case):
+    ref, ranks = p2_vs_p1[case]
     assert_same_training(ref, ranks)
     # tied weights (embedding = softmax weight, u/v/v') identical on both stages after 5 steps
     torch.testing.assert_close(ranks[0]["tied"]["word_emb"], ranks[1]["tied"]["word_emb"],
@@ -81,11 +95,9 @@ def test_p2_equals_p1(tmp_path, ckpt):
 
 
 @pytest.mark.distributed
-def test_p2_equals_p1_xl_adaptive(tmp_path):
+def test_p2_equals_p1_xl_adaptive(p2_vs_p1):
     """Transformer-XL memory (stage-local hidden) and a tied adaptive softmax with projections."""
-    args = ["--memory", "xl", "--adaptive"]
-    (ref,) = launch(tmp_path / "p1", 1, *args)
-    ranks = launch(tmp_path / "p2", 2, "--stages", "2", *args)
+    ref, ranks = p2_vs_p1["xl-adaptive"]
     assert_same_training(ref, ranks)
 
 
@@ -93,8 +105,8 @@ def test_p2_equals_p1_xl_adaptive(tmp_path):
 @pytest.mark.slow
 def test_p2_dp2_equals_p1_dp1(tmp_path):
     """4 processes (2 stages x 2 replicas) train like one process holding all streams."""
-    (ref,) = launch(tmp_path / "p1", 1, "--micro", "1", "--accum", "4", "--layers", "2")
-    ranks = launch(tmp_path / "p2dp2", 4, "--stages", "2", "--micro", "1", "--accum", "2",
-                   "--layers", "2", timeout=240)
+    ((ref,),) = launch(tmp_path / "p1", 1, "--micro", "1", "--accum", "4", "--layers", "2")
+    ranks = [r for (r,) in launch(tmp_path / "p2dp2", 4, "--stages", "2", "--micro", "1",
+                                  "--accum", "2", "--layers", "2", timeout=240)]
     assert sorted((r["stage"], r["dp"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert_same_training(ref, ranks)

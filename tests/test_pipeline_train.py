@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from train_support import PY, RUNNER, env, free_port, losses, prepare_corpus, spawn, write_config
+from train_support import PY, RUNNER, env, free_port, losses, spawn, write_config
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name
 from lamemo_ds.config.derive import World, resolve
@@ -23,8 +23,8 @@ TRAIN = {"grad_accum": 2, "max_steps": 6}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib")
+def data(corpus):
+    return corpus
 
 
 def _ok(results) -> None:
@@ -50,7 +50,7 @@ def _kill_run(config, *, kill_at: int) -> int:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
+def test_resume_is_bit_exact_after_kill_9(data, tmp_path, lamemo):
     """P=2: 6 steps with evaluations every 2 steps == 3 steps, checkpoint, kill -9 of stage 1
     in step 4, resume to 6 without evaluations (so evaluation leaves training memory alone)."""
     a = write_config(tmp_path / "a.yaml", data, tmp_path / "a", parallel=PIPE,
@@ -79,7 +79,7 @@ def test_resume_is_bit_exact_after_kill_9(data, tmp_path):
     assert all(sd[k].shape == ref[k].shape for k in ref)
     torch.testing.assert_close(sd["crit.out_layers.0.weight"], sd["word_emb.emb_layers.0.weight"],
                                rtol=0, atol=0)
-    _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, b)
+    _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, b, lamemo)
 
 
 @pytest.mark.distributed
@@ -107,26 +107,24 @@ def test_nan_loss_on_the_last_stage_skips_the_step_everywhere(data, tmp_path):
         assert slots and all(torch.isfinite(t.float()).all() for s in slots for t in s.values())
 
 
-def _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, config) -> None:
+def _converted_pipeline_checkpoint_reproduces_its_evaluation(data, tmp_path, config,
+                                                             lamemo) -> None:
     """`lamemo convert --from deepspeed` on a P=2 checkpoint gives one model whose eager
     evaluation equals the pipeline's own final evaluation of the same weights."""
     run = tmp_path / "b"
     out = tmp_path / "consolidated"
-    cli = [PY, "-m", "lamemo_ds.cli"]
-    r = subprocess.run(cli + ["convert", "--from", "deepspeed", str(run / "checkpoints"),
-                              "--to", "consolidated", str(out)],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    r = lamemo("convert", "--from", "deepspeed", str(run / "checkpoints"), "--to",
+               "consolidated", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "pipeline layout" in r.stdout
     cfg = load_config(str(config), [])
     piped = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text()
              .splitlines() if '"eval"' in line][-1]
     result = tmp_path / "eval.json"
-    r = subprocess.run(cli + ["eval", "--model", str(out), "--data", str(data), "--split",
-                              cfg.data.valid_split, "--batch-size", str(cfg.eval.batch_size),
-                              "--max-segments", str(cfg.train.eval_max_segments),
-                              "--no-progress", "--output", str(result)],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    r = lamemo("eval", "--model", str(out), "--data", str(data), "--split",
+               cfg.data.valid_split, "--batch-size", str(cfg.eval.batch_size),
+               "--max-segments", str(cfg.train.eval_max_segments), "--no-progress",
+               "--output", str(result))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     eager = json.loads(result.read_text())
     assert eager["tokens"] == piped["tokens"]
@@ -151,15 +149,15 @@ def test_resume_from_other_layout_says_so(data, tmp_path):
 
 
 @pytest.mark.unit
-def test_zero2_with_pipeline_rejected_before_any_process(tmp_path):
+def test_zero2_with_pipeline_rejected_before_any_process(tmp_path, lamemo):
     """The config check names the alternatives, and `lamemo train` exits before starting."""
     with pytest.raises(ConfigError, match="ZeRO 0 or 1.*pipeline_stages=1 with ZeRO 2/3"):
         resolve(load_config(None, ["parallel.pipeline_stages=2", "parallel.zero_stage=3",
                                    "model.n_layer=2"]), World(world_size=2))
     cfg = write_config(tmp_path / "z.yaml", tmp_path / "nodata", tmp_path / "z",
                        parallel={"pipeline_stages": 2, "zero_stage": 2})
-    r = subprocess.run([PY, "-m", "lamemo_ds.cli", "train", "--config", str(cfg)], env=env(),
-                       capture_output=True, text=True, timeout=120)
+    r = lamemo("train", "--config", str(cfg))
     assert r.returncode == 2
     assert "zero_stage" in r.stderr and "pipeline" in r.stderr
     assert not (tmp_path / "z").exists()  # nothing started, nothing written
+    assert not torch.distributed.is_initialized()

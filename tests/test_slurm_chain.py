@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_fixture  # noqa: F401  (fixture "slurm")
+from slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("prepare", "train", "eval", "convert")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, pid_alive, slurm_fixture  # noqa: F401  (fixture "slurm")
+from slurm_cluster import SlurmCluster, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, free_port, slurm_fixture  # noqa: F401  (fixture "slurm")
-from test_slurm_train import prepare_demo_data
+from slurm_cluster import SlurmCluster, free_port
 
 from lamemo_ds.train.metrics import read_losses
 
@@ -25,8 +24,11 @@ pytestmark = pytest.mark.slurm
 JOB = """#!/bin/bash
 set -euo pipefail
 # First where discovery puts each process (fails fast, and the log says why), then the training.
-"$MPIRUN" -n "$SLURM_NTASKS" "$PYTHON" -c "from lamemo_ds.parallel.dist import discover
-d = discover(); print('discovered', d.launcher, d.rank, 'of', d.world_size, flush=True)
+# One write per line: both ranks share the log, and print() under PYTHONUNBUFFERED=1 writes
+# each word on its own, so the two lines could interleave.
+"$MPIRUN" -n "$SLURM_NTASKS" "$PYTHON" -c "import sys
+from lamemo_ds.parallel.dist import discover
+d = discover(); sys.stdout.write(f'discovered {{d.launcher}} {{d.rank}} of {{d.world_size}}\\n')
 raise SystemExit(d.world_size != $SLURM_NTASKS)"
 "$MPIRUN" -n "$SLURM_NTASKS" "$PYTHON" -m lamemo_ds.cli train --config configs/debug.yaml \\
     --set train.output_dir="$RUN_DIR" --set data.path="$DATA_DIR" --set train.max_steps={steps} \\
@@ -34,14 +36,14 @@ raise SystemExit(d.world_size != $SLURM_NTASKS)"
 """
 
 
-def test_mpirun_two_processes_inside_an_allocation(slurm: SlurmCluster, tmp_path: Path) -> None:
+def test_mpirun_two_processes_inside_an_allocation(slurm: SlurmCluster, corpus: Path,
+                                                   tmp_path: Path) -> None:
     assert MPIRUN.exists(), f"{MPIRUN} missing: pip install mpich (a test dependency)"
-    data = prepare_demo_data(tmp_path / "data")
     script = tmp_path / "mpirun.sbatch"
     script.write_text(JOB.format(steps=STEPS))
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     env = dict(slurm.env, PYTHON=sys.executable, PYTHONPATH=str(REPO), MPIRUN=str(MPIRUN),
-               RUN_DIR=str(run_dir), DATA_DIR=str(data), MASTER_ADDR="127.0.0.1",
+               RUN_DIR=str(run_dir), DATA_DIR=str(corpus), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
     _, rc = slurm.sbatch(script, f"--chdir={REPO}", "-p", "debug", "-n2", "--time=10",
                          "-o", str(log), wait=True, timeout_s=600, env=env)

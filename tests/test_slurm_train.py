@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_fixture, wait_until  # noqa: F401  (fixture "slurm")
+from slurm_cluster import SlurmCluster, wait_until
 
 from lamemo_ds.train.metrics import read_losses
 
@@ -23,20 +23,6 @@ SCRIPT = REPO / "slurm" / "train.sbatch"
 # Enough steps that the signal lands mid-run (the tiny model does tens of steps per second).
 STEPS = 150
 pytestmark = pytest.mark.slurm
-
-
-def prepare_demo_data(out: Path) -> Path:
-    """A small prepared corpus (Python stdlib sources, byte tokens); about a second."""
-    cmd = [sys.executable, "-m", "lamemo_ds.cli", "prepare", "--corpus", "stdlib", "--out",
-           str(out), "--max-docs", "20", "--workers", "1", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_demo_data(tmp_path_factory.mktemp("data") / "demo")
 
 
 def train_env(slurm: SlurmCluster, run_dir: Path, data: Path) -> dict[str, str]:
@@ -60,11 +46,11 @@ def submit_train(slurm: SlurmCluster, run_dir: Path, data: Path, *,
 
 
 @pytest.fixture(scope="module")
-def reference_run(slurm: SlurmCluster, data_dir: Path,
+def reference_run(slurm: SlurmCluster, corpus: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An uninterrupted 2-task run: (run folder, job log)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    _, rc, log = submit_train(slurm, run_dir, data_dir, wait=True)
+    _, rc, log = submit_train(slurm, run_dir, corpus, wait=True)
     text = log.read_text() if log.exists() else "(no job log)"
     assert rc == 0, text + slurm.logs_tail()
     return run_dir, text
@@ -90,9 +76,9 @@ def test_two_task_run_writes_checkpoint_metrics_and_tensorboard(reference_run) -
 
 @pytest.mark.slow
 def test_usr1_saves_requeues_resumes_and_matches_an_uninterrupted_run(
-        slurm: SlurmCluster, data_dir: Path, reference_run, tmp_path: Path) -> None:
+        slurm: SlurmCluster, corpus: Path, reference_run, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job_id, rc, log = submit_train(slurm, run_dir, data_dir, wait=False)
+    job_id, rc, log = submit_train(slurm, run_dir, corpus, wait=False)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and len(read_losses(metrics)) >= 3, timeout_s=300,
                what=f"job {job_id} to train 3 steps ({log})", poll_s=0.1)
@@ -105,6 +91,9 @@ def test_usr1_saves_requeues_resumes_and_matches_an_uninterrupted_run(
         return job.get("Restarts") == "1" and job.get("JobState") == "PENDING"
 
     wait_until(requeued, timeout_s=300, what=f"job {job_id} to be requeued ({log})")
+    # slurmd refuses a launch credential created in the same second its previous run's was
+    # revoked ("Job credential revoked": the job FAILS), so start it no earlier than the next.
+    time.sleep(1.5)
     slurm.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     record = slurm.wait_finished(job_id, timeout_s=600)
     text = log.read_text()
@@ -124,7 +113,7 @@ def test_usr1_saves_requeues_resumes_and_matches_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_torchrun_variant_survives_usr1_and_requeues(slurm: SlurmCluster, data_dir: Path,
+def test_torchrun_variant_survives_usr1_and_requeues(slurm: SlurmCluster, corpus: Path,
                                                      tmp_path: Path) -> None:
     """train_torchrun.sbatch: torchrun's workers get USR1, save at one step, and requeue the job.
 
@@ -134,7 +123,7 @@ def test_torchrun_variant_survives_usr1_and_requeues(slurm: SlurmCluster, data_d
     code as in the srun drill above; here the requeued job is cancelled.
     """
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = dict(train_env(slurm, run_dir, data_dir), PROCS_PER_NODE="2")
+    env = dict(train_env(slurm, run_dir, corpus), PROCS_PER_NODE="2")
     job_id, _ = slurm.sbatch(REPO / "slurm" / "train_torchrun.sbatch", f"--chdir={REPO}",
                              *slurm.overrides(ntasks=1, output=log), "--cpus-per-task=2",
                              env=env)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from train_support import losses, model_states, prepare_corpus, spawn, write_config
+from train_support import losses, model_states, spawn, write_config
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name
 from lamemo_ds.parallel.dist import Comm
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib")
+def data(corpus):
+    return corpus
 
 
 def _ok(results) -> None:

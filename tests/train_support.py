@@ -1,7 +1,8 @@
 """Helpers of the training tests: a tiny prepared corpus, run configs, and 2-process launches.
 
-Ranks are started either by real launchers (torchrun, deepspeed, mpirun) or by `spawn`, which
-sets RANK/WORLD_SIZE/MASTER_* itself so a test can see every rank's exit code and kill one.
+Ranks are started either by real launchers (torchrun, deepspeed, mpirun) or by `spawn` /
+`run_ranks`, which set RANK/WORLD_SIZE/MASTER_* themselves so a test can see every rank's exit
+code and kill one.
 """
 
 from __future__ import annotations
@@ -67,14 +68,21 @@ def write_config(path: Path, data_dir: Path, out_dir: Path, **sections: dict) ->
 def spawn(config: Path, *, nproc: int = 2, args: tuple[str, ...] = (),
           timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """Start `nproc` ranks of tests/train_fault_runner.py; wait; return each rank's result."""
+    return run_ranks([str(RUNNER), "--config", str(config), *args], nproc=nproc,
+                     timeout=timeout)
+
+
+def run_ranks(argv: list[str], *, nproc: int = 2,
+              timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """`python ARGV` as `nproc` ranks with the variables torchrun would set (without torchrun's
+    own interpreter, seconds per launch); wait; return each rank's result (stdout + stderr)."""
     port = str(free_port())
     procs = []
     for rank in range(nproc):
         e = env(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([PY, str(RUNNER), "--config", str(config), *args],
-                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([PY, *argv], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     results = []
     for p in procs:
         try:

@@ -153,6 +153,21 @@ def resolve_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def skip_cpu_shm_kernel() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce kernel.
+
+    On the CPU accelerator, DeepSpeed's communication backend builds that C++ extension when it
+    starts: about a minute of g++ on a fresh 2-core machine (and a crash where no compiler is
+    installed). Only `inference_all_reduce` uses it, which training never calls, so it is marked
+    unavailable for this process; GPU accelerators are left alone.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(denv: DistEnv, *, backend: str, timeout_s: int = 1800) -> None:
     """Start the default process group (and DeepSpeed's view of it) from a DistEnv.
 
@@ -170,6 +185,7 @@ def init_distributed(denv: DistEnv, *, backend: str, timeout_s: int = 1800) -> N
         torch.distributed.init_process_group(
             backend=backend, init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
             rank=denv.rank, world_size=denv.world_size, timeout=timedelta(seconds=timeout_s))
+    skip_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
 
