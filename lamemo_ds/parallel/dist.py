@@ -164,8 +164,9 @@ def skip_cpu_shm_kernel() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # absent in other versions
+    if get_accelerator().device_name() == "cpu" and isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False
 
 
 def init_distributed(denv: DistEnv, *, backend: str, timeout_s: int = 1800) -> None:
