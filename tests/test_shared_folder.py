@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from train_support import env, free_port
+from train_support import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -27,13 +24,7 @@ tdist.destroy_process_group()
 
 
 def _run(folders: list[str]) -> list[str]:
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, *folders],
-                              env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    return [p.communicate(timeout=120)[0] for p in procs]
+    return [r.stdout for r in run_ranks(["-c", RANK_SCRIPT, *folders], timeout=120)]
 
 
 def test_one_folder_passes_and_leaves_nothing_behind(tmp_path):

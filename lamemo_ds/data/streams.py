@@ -150,12 +150,7 @@ class OrderedStreams:
         time, and the window of K segments holds each one's tokens at the same place, so what it
         yields equals this function batch for batch.
         """
-        return self.make_chunk(epoch, index, count=1, reset=reset)[0]
-
-    def make_chunk(self, epoch: int, index: int, *, count: int, reset: bool = False
-                   ) -> list[Batch]:
-        """`count` consecutive batches from (epoch, index): `read_chunk(...).batches()`."""
-        return self.read_chunk(epoch, index, count=count, reset=reset).batches()
+        return self.read_chunk(epoch, index, count=1, reset=reset).batches()[0]
 
     def read_chunk(self, epoch: int, index: int, *, count: int, reset: bool = False) -> Chunk:
         """Segments index..index+count-1 of `epoch` for this rank, with one int64 copy.
