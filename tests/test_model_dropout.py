@@ -75,3 +75,52 @@ def test_activation_checkpointing_replays_the_same_masks():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numeric_mask_is_the_bool_mask_times_the_scale(dtype):
+    from lamemo_ds.model.dropout import _keep_mask, _keep_scale
+
+    shape = torch.Size([37, 129])  # numel not a multiple of 4: the last draw is split
+    for p in (0.1, 0.25, 0.5, 0.9):
+        torch.manual_seed(11)
+        keep, scale = _keep_mask(shape, p)
+        torch.manual_seed(11)
+        mask = _keep_scale(shape, p, dtype)
+        assert mask.dtype == dtype
+        assert torch.equal(mask, torch.where(keep, torch.tensor(scale, dtype=dtype), 0))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_float_and_bool_paths_agree(relu):
+    """fp32 multiplies by a numeric mask, bf16 selects with a bool one: same masks, same
+    values (up to bf16 rounding) and the same gradients."""
+    x = torch.randn(64, 96).bfloat16().float()  # values both dtypes hold exactly
+    g = torch.randn(64, 96).bfloat16().float()
+    outs, grads = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype).clone().requires_grad_()
+        torch.manual_seed(4)
+        y = relu_dropout(xi, 0.3, True) if relu else dropout(xi, 0.3, True)
+        y.backward(g.to(dtype))
+        outs.append(y.detach().float())
+        grads.append(xi.grad.float())
+    assert torch.equal(outs[0] != 0, outs[1] != 0)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+    assert torch.equal(grads[0] != 0, grads[1] != 0)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-2)
+
+
+def test_relu_dropout_gradient_is_zero_where_dropped_or_negative():
+    x = torch.randn(50, 70, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(50, 70, dtype=torch.float64)
+    torch.manual_seed(8)
+    y = relu_dropout(x, 0.4, True)
+    y.backward(g)
+    from lamemo_ds.model.dropout import _keep_mask
+
+    torch.manual_seed(8)
+    keep, scale = _keep_mask(x.shape, 0.4)
+    live = keep & (x.detach() > 0)
+    assert torch.equal(y.detach(), torch.where(live, x.detach() * scale, 0.0))
+    assert torch.equal(x.grad, torch.where(live, g * scale, 0.0))

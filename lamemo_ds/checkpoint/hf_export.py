@@ -29,6 +29,7 @@ MODEL_SOURCES = [
     ("model", "positional.py"),
     ("model", "attention.py"),
     ("model", "dropout.py"),
+    ("model", "linear.py"),
     ("model", "memory.py"),
     ("model", "adaptive.py"),
     ("model", "layers.py"),

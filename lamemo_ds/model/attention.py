@@ -151,6 +151,12 @@ def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size, *,
     return g.view(bd_shape)
 
 
+def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, -inf elsewhere: masks scores by one addition, broadcast over heads."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, NEG_INF)
+
+
 class _ScoresSoftmax(torch.autograd.Function):
     """scores = ac + shift(bd), masked; returns (softmax(scores), logsumexp(scores)).
 
@@ -172,7 +178,7 @@ class _ScoresSoftmax(torch.autograd.Function):
             add_lookahead_shifted_(scores, bd_acc, window_start=window_start)
         elif bd_acc is not None:
             scores += bd_acc
-        scores.masked_fill_(~allowed, NEG_INF)
+        scores.add_(_mask_bias(allowed, acc))  # float add: bool kernels are scalar here
         peak = scores.amax(dim=-1, keepdim=True)  # [.., Q, 1]
         probs = scores.sub_(peak).exp_()
         total = probs.sum(dim=-1, keepdim=True)

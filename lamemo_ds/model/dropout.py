@@ -18,33 +18,76 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """(bool keep mask of `shape`, scale 1 / P(keep))."""
+def _random_bits(shape: torch.Size) -> torch.Tensor:
+    """int16 tensor of `shape`, uniform on [-2^15, 2^15), seeded from torch's CPU generator."""
     n = int(np.prod(shape))
     seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU tensor: no device sync
     raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
-    bits = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)  # uniform on [-2^15, 2^15)
+    return torch.from_numpy(raw.view(np.int16)[:n]).view(shape)
+
+
+def _drop_level(p: float) -> tuple[int, float]:
+    """(bits below which an element is dropped, scale 1 / P(keep))."""
     drop = round(p * 65536)
-    keep = bits >= drop - 32768
-    return keep, 65536.0 / (65536 - drop)
+    return drop - 32768, 65536.0 / (65536 - drop)
+
+
+def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
+    """(bool keep mask of `shape`, scale 1 / P(keep))."""
+    level, scale = _drop_level(p)
+    return _random_bits(shape) >= level, scale
+
+
+def _keep_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The same mask as `_keep_mask` as numbers: scale where kept, 0 where dropped.
+
+    Float arithmetic only (this build's bool kernels are scalar, ~5x slower): the bits are
+    integers, so clamp(bits - level + 1, 0, 1) is exactly 1 when bits >= level, else 0.
+    """
+    level, scale = _drop_level(p)
+    return _random_bits(shape).to(dtype).sub_(level - 1).clamp_(0, 1).mul_(scale)
+
+
+_FLOAT_MASK_DTYPES = (torch.float32, torch.float64)  # every int16 and the scale stay exact
 
 
 class _CPUDropout(torch.autograd.Function):
-    """dropout(x), or dropout(relu(x)) with one mask (kept and positive): one pass each way."""
+    """dropout(x), or dropout(relu(x)) with one mask (kept and positive): one pass each way.
+
+    fp32/fp64 multiply by a numeric mask: dropout saves it; the ReLU form saves only its
+    output (kept positive entries are exactly its nonzeros) and back-propagates with the ReLU
+    backward kernel. Other dtypes select with a bool mask, rounding like `x * scale`.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, relu: bool) -> torch.Tensor:
+        ctx.relu = relu
+        if x.dtype in _FLOAT_MASK_DTYPES:
+            level, ctx.scale = _drop_level(p)
+            mask = _keep_scale(x.shape, p, x.dtype)
+            if relu:
+                out = torch.relu(x).mul_(mask)
+                ctx.save_for_backward(out)
+            else:
+                out = x * mask
+                ctx.save_for_backward(mask)
+            ctx.numeric = True
+            return out
         keep, scale = _keep_mask(x.shape, p)
         if relu:
             keep &= x > 0
         ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.scale, ctx.numeric = scale, False
         return torch.where(keep, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+        (saved,) = ctx.saved_tensors
+        if not ctx.numeric:
+            return torch.where(saved, grad, 0.0).mul_(ctx.scale), None, None
+        if ctx.relu:  # saved = output: nonzero exactly where kept and positive
+            return torch.ops.aten.threshold_backward(grad, saved, 0).mul_(ctx.scale), None, None
+        return grad * saved, None, None
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
