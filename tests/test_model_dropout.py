@@ -124,3 +124,9 @@ def test_relu_dropout_gradient_is_zero_where_dropped_or_negative():
     live = keep & (x.detach() > 0)
     assert torch.equal(y.detach(), torch.where(live, x.detach() * scale, 0.0))
     assert torch.equal(x.grad, torch.where(live, g * scale, 0.0))
+
+
+def test_p_just_below_one_keeps_a_finite_scale():
+    torch.manual_seed(0)
+    y = dropout(torch.ones(4096), 1 - 1e-7, True)
+    assert torch.isfinite(y).all() and y.max().item() in (0.0, 65536.0)

@@ -27,8 +27,9 @@ def _random_bits(shape: torch.Size) -> torch.Tensor:
 
 
 def _drop_level(p: float) -> tuple[int, float]:
-    """(bits below which an element is dropped, scale 1 / P(keep))."""
-    drop = round(p * 65536)
+    """(bits below which an element is dropped, scale 1 / P(keep)); at least one of the 2^16
+    levels is kept, so p just below 1 does not round to dropping everything."""
+    drop = min(round(p * 65536), 65535)
     return drop - 32768, 65536.0 / (65536 - drop)
 
 
@@ -63,7 +64,7 @@ class _CPUDropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float, relu: bool) -> torch.Tensor:
         ctx.relu = relu
         if x.dtype in _FLOAT_MASK_DTYPES:
-            level, ctx.scale = _drop_level(p)
+            ctx.scale = _drop_level(p)[1]
             mask = _keep_scale(x.shape, p, x.dtype)
             if relu:
                 out = torch.relu(x).mul_(mask)
