@@ -124,22 +124,44 @@ def lookahead_mask(valid: torch.Tensor, *, mem_len: int, window_start: int, wind
     return real & (p > i)[None, None]
 
 
-def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size) -> torch.Tensor:
+def _grad_buffer(d: torch.Tensor, shape: torch.Size, stride: tuple[int, ...], *, zero: bool):
+    """(tensor of `shape` laid out with `stride`, its view with the last two dims flattened).
+
+    The gradient of a position term keeps that term's layout (heads-first from
+    `per_head_positions`), so it flows back into the GEMM that made the term without a copy.
+    """
+    expected = 1  # dense (row-major up to a permutation of dims), each [T, X] block contiguous
+    for st, sz in sorted(zip(stride, shape)):
+        dense = st == expected
+        expected *= sz
+        if not dense:
+            break
+    if dense and stride[-1] == 1 and stride[-2] == shape[-1]:
+        g = d.new_empty_strided(shape, stride)
+    else:  # any other layout (broadcast, overlapping): plain row-major
+        g = d.new_empty(shape)
+    if zero:
+        g.zero_()
+    return g, g.view(*shape[:-2], shape[-2] * shape[-1])
+
+
+def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size,
+                         bd_stride: tuple[int, ...]) -> torch.Tensor:
     """Gradient of `add_rel_shifted_` w.r.t. x: every entry of x is read at most once."""
     *lead, n, k = bd_shape
-    g = d.new_empty(*lead, n * k)
+    out, g = _grad_buffer(d, bd_shape, bd_stride, zero=False)
     g[..., : n - 1] = 0  # distances beyond the first query's reach: never read
     g[..., n - 1:n - 1 + n * (k - 1)].view(*lead, n, k - 1).copy_(d[..., :, : k - 1])
     g[..., n * k - 1] = d[..., n - 1, k - 1]
-    return g.view(bd_shape)
+    return out
 
 
-def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size, *,
-                               window_start: int) -> torch.Tensor:
+def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size,
+                               bd_stride: tuple[int, ...], *, window_start: int) -> torch.Tensor:
     """Gradient of `add_lookahead_shifted_` w.r.t. x (the two views may share one element)."""
     *lead, m, xlen = bd_shape
     w = d.shape[-1]
-    g = d.new_zeros(*lead, m * xlen)
+    out, g = _grad_buffer(d, bd_shape, bd_stride, zero=True)
     if w > 1:
         start = window_start - 1
         g[..., start:start + m * (xlen - 1)].view(*lead, m, xlen - 1)[..., : w - 1] += \
@@ -148,7 +170,7 @@ def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size, *,
         g[..., m - 1:m - 1 + m * (xlen - 1):xlen - 1] += d[..., w - 1]
     else:
         g[..., :1] += d[..., w - 1]  # M = 1: one row, one distance
-    return g.view(bd_shape)
+    return out
 
 
 def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +209,8 @@ class _ScoresSoftmax(torch.autograd.Function):
         if scores.data_ptr() == ac.data_ptr():
             ctx.mark_dirty(ac)
         ctx.save_for_backward(probs)
-        ctx.meta = (shift, window_start, ac.dtype, None if bd is None else (bd.shape, bd.dtype))
+        bd_meta = None if bd is None else (bd.shape, bd.stride(), bd.dtype)
+        ctx.meta = (shift, window_start, ac.dtype, bd_meta)
         return probs, lse
 
     @staticmethod
@@ -202,11 +225,11 @@ class _ScoresSoftmax(torch.autograd.Function):
         d = probs * (d_probs - inner)  # masked entries: probs = 0 -> 0
         d_bd = None
         if bd_meta is not None and ctx.needs_input_grad[1]:
-            shape, dtype = bd_meta
+            shape, stride, dtype = bd_meta
             if shift == "causal":
-                d_bd = _scatter_rel_shifted(d, shape)
+                d_bd = _scatter_rel_shifted(d, shape, stride)
             elif shift == "lookahead":
-                d_bd = _scatter_lookahead_shifted(d, shape, window_start=window_start)
+                d_bd = _scatter_lookahead_shifted(d, shape, stride, window_start=window_start)
             else:
                 d_bd = d
             d_bd = d_bd.to(dtype)
@@ -225,6 +248,18 @@ def _attend(ac: torch.Tensor, bd: torch.Tensor | None, allowed: torch.Tensor, v:
     return probs @ v, lse
 
 
+def per_head_positions(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x [B,H,T,D] times the position table r [X,H,D] of each head: [B,H,T,X].
+
+    One GEMM per head over all B*T rows (the table is shared by the batch), instead of a
+    batched matmul that copies r once per stream; the result is heads-first in memory
+    ([H,B,T,X] transposed), with each [T, X] block contiguous as the shifts need.
+    """
+    b, h, t, d = x.shape
+    rows = x.transpose(0, 1).reshape(h, b * t, d)
+    return torch.bmm(rows, r.permute(1, 2, 0)).view(h, b, t, -1).transpose(0, 1)
+
+
 def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length: bool = False,
                          dropatt: float = 0.0, training: bool = False):
     """Causal attention of the current rows over [memory ; current] (SPEC §2).
@@ -235,7 +270,7 @@ def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length:
     n, d = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,N,K]
-    bd = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,N,D]@[H,D,K]->[B,H,N,K]
+    bd = per_head_positions((q + vb[None, :, None, :]) * scale, r)  # [B,H,N,K]
     allowed = causal_mask(valid, mem_len=mem_len, seg_len=n, same_length=same_length)
     return _attend(ac, bd, allowed, v, dropatt, training, shift="causal")
 
@@ -251,7 +286,7 @@ def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start:
     w, d = k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,M,W]
-    bd_full = ((q + vb[None, :, None, :]) * scale) @ r.permute(1, 2, 0)  # [B,H,M,X]
+    bd_full = per_head_positions((q + vb[None, :, None, :]) * scale, r)  # [B,H,M,X]
     allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
                              variant=variant)
     if variant == "unmasked_window":  # |p - i| is no shift: gather

@@ -19,6 +19,37 @@ from .linear import Linear
 from .memory import merge_lookahead
 
 
+class _SplitHeads(torch.autograd.Function):
+    """[B, T, C*H*D] -> C contiguous [B, H, T, D] tensors, one copy each way.
+
+    Viewing the chunks as permuted strides instead makes every attention matmul copy its
+    operand (heads are not evenly strided there) and its backward stack and copy again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, chunks: int, heads: int):
+        b, t, c = x.shape
+        ctx.meta = (b, t, chunks, heads, c // (chunks * heads))
+        parts = x.view(b, t, chunks, heads, -1)
+        return tuple(parts[:, :, i].transpose(1, 2).contiguous() for i in range(chunks))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        b, t, chunks, heads, d = ctx.meta
+        some = next(g for g in grads if g is not None)
+        make = some.new_empty if all(g is not None for g in grads) else some.new_zeros
+        out = make(b, t, chunks, heads, d)
+        for i, g in enumerate(grads):
+            if g is not None:
+                out[:, :, i].copy_(g.transpose(1, 2))
+        return out.view(b, t, chunks * heads * d), None, None
+
+
+def split_heads(x: torch.Tensor, chunks: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """The C = `chunks` projections in x [B, T, C*H*D] (e.g. Q, K, V), each [B, H, T, D]."""
+    return _SplitHeads.apply(x, chunks, heads)
+
+
 @dataclass(frozen=True)
 class Biases:
     """Content/position biases of both branches, each [H, D]."""
@@ -132,14 +163,11 @@ class DecoderLayer(nn.Module):
         lamemo = ctx is not None and m > 0
         hd = self.cfg.n_head * self.cfg.d_head
         if lamemo:
-            qkv = self.qkv(x).view(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, K, D]
+            q, k, v = split_heads(self.qkv(x), 3, self.cfg.n_head)  # each [B, H, K, D]
         else:
             w = self.qkv.weight
             q = self._heads(nn.functional.linear(x[:, m:], w[:hd]))  # [B, H, N, D]
-            kv = nn.functional.linear(x, w[hd:]).view(*x.shape[:2], 2, self.cfg.n_head,
-                                                      self.cfg.d_head)
-            k, v = kv.permute(2, 0, 3, 1, 4)  # each [B, H, K, D]
+            k, v = split_heads(nn.functional.linear(x, w[hd:]), 2, self.cfg.n_head)
         q_cur = q[:, :, m:] if lamemo else q
         o, lse_cur = self._causal(q_cur, k, v, r[:k_len], b, valid, m, same_length)
         if not lamemo:
