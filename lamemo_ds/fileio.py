@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
+import socket
+import time
 from pathlib import Path
 
 
@@ -24,12 +28,7 @@ def require_shared_folder(comm, folder: str | Path, *, what: str = "train.output
     ...). Rank 0 writes a marker holding a random token; each rank must read that token back
     (retrying up to `wait_s` for slow metadata propagation). `comm` is a parallel.dist.Comm.
     """
-    import os
-    import secrets
-    import socket
-    import time
-
-    import torch
+    import torch  # only this check needs it
 
     if comm.world_size == 1:
         return

@@ -124,29 +124,27 @@ def lookahead_mask(valid: torch.Tensor, *, mem_len: int, window_start: int, wind
     return real & (p > i)[None, None]
 
 
-def _grad_buffer(d: torch.Tensor, shape: torch.Size, stride: tuple[int, ...], *, zero: bool):
-    """(tensor of `shape` laid out with `stride`, its view with the last two dims flattened).
+def _grad_layout(bd: torch.Tensor) -> tuple[int, ...] | None:
+    """Strides for the gradient of a position term: bd's own when torch would keep them for a
+    new tensor (dense, as `empty_like` decides) and each [T, X] block is contiguous, e.g. the
+    heads-first layout of `per_head_positions`, so the gradient flows back into the GEMM that
+    made the term without a copy; None (row-major) for any other layout."""
+    stride = torch.empty_like(bd, device="meta").stride()
+    return stride if stride[-2:] == (bd.shape[-1], 1) else None
 
-    The gradient of a position term keeps that term's layout (heads-first from
-    `per_head_positions`), so it flows back into the GEMM that made the term without a copy.
-    """
-    expected = 1  # dense (row-major up to a permutation of dims), each [T, X] block contiguous
-    for st, sz in sorted(zip(stride, shape)):
-        dense = st == expected
-        expected *= sz
-        if not dense:
-            break
-    if dense and stride[-1] == 1 and stride[-2] == shape[-1]:
-        g = d.new_empty_strided(shape, stride)
-    else:  # any other layout (broadcast, overlapping): plain row-major
-        g = d.new_empty(shape)
+
+def _grad_buffer(d: torch.Tensor, shape: torch.Size, stride: tuple[int, ...] | None, *,
+                 zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new tensor of `shape` with `stride` (row-major if None), its view with the last two
+    dims flattened)."""
+    g = d.new_empty(shape) if stride is None else d.new_empty_strided(shape, stride)
     if zero:
         g.zero_()
     return g, g.view(*shape[:-2], shape[-2] * shape[-1])
 
 
 def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size,
-                         bd_stride: tuple[int, ...]) -> torch.Tensor:
+                         bd_stride: tuple[int, ...] | None) -> torch.Tensor:
     """Gradient of `add_rel_shifted_` w.r.t. x: every entry of x is read at most once."""
     *lead, n, k = bd_shape
     out, g = _grad_buffer(d, bd_shape, bd_stride, zero=False)
@@ -157,7 +155,8 @@ def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size,
 
 
 def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size,
-                               bd_stride: tuple[int, ...], *, window_start: int) -> torch.Tensor:
+                               bd_stride: tuple[int, ...] | None, *,
+                               window_start: int) -> torch.Tensor:
     """Gradient of `add_lookahead_shifted_` w.r.t. x (the two views may share one element)."""
     *lead, m, xlen = bd_shape
     w = d.shape[-1]
@@ -209,7 +208,7 @@ class _ScoresSoftmax(torch.autograd.Function):
         if scores.data_ptr() == ac.data_ptr():
             ctx.mark_dirty(ac)
         ctx.save_for_backward(probs)
-        bd_meta = None if bd is None else (bd.shape, bd.stride(), bd.dtype)
+        bd_meta = None if bd is None else (bd.shape, _grad_layout(bd), bd.dtype)
         ctx.meta = (shift, window_start, ac.dtype, bd_meta)
         return probs, lse
 

@@ -72,19 +72,18 @@ class _CPUDropout(torch.autograd.Function):
             else:
                 out = x * mask
                 ctx.save_for_backward(mask)
-            ctx.numeric = True
             return out
         keep, scale = _keep_mask(x.shape, p)
         if relu:
             keep &= x > 0
         ctx.save_for_backward(keep)
-        ctx.scale, ctx.numeric = scale, False
+        ctx.scale = scale
         return torch.where(keep, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (saved,) = ctx.saved_tensors
-        if not ctx.numeric:
+        if saved.dtype == torch.bool:  # the bool path of half dtypes
             return torch.where(saved, grad, 0.0).mul_(ctx.scale), None, None
         if ctx.relu:  # saved = output: nonzero exactly where kept and positive
             return torch.ops.aten.threshold_backward(grad, saved, 0).mul_(ctx.scale), None, None
