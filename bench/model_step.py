@@ -1,6 +1,7 @@
 """Model step benchmark (issue 2): forward + backward + Adam step time and peak memory on CPU
-for lamemo, xl and none at one config, side by side in one run, with FLOP ratios beside time
-ratios. Prints a table and (with --json) writes the numbers.
+for lamemo, xl and none at one config, side by side in one run (one step of each per round, the
+order rotating), with FLOP ratios beside time ratios. Prints a table and (with --json) writes the
+numbers.
 
     python bench/model_step.py                # default: 4 layers, d 256, 4x64 heads, FFN 1024,
                                               # N = mem_len = 128, batch 8, vocab 256, 2 threads
@@ -17,6 +18,7 @@ is measured here (see bench/reference_model.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -95,27 +97,39 @@ def make_step(memory: str, a, data: torch.Tensor):
     return cfg, step
 
 
-def bench_one(memory: str, a) -> dict:
+def bench_all(memories: list[str], a) -> list[dict]:
+    """Every memory's step, timed round-robin: round i runs one step of each memory, the order
+    rotating each round, so the machine's slow drifts (tens of percent here) hit all alike and
+    per-round ratios cancel them. Peak RSS is read after each model's warm-up."""
     n_seg = a.warmup + a.steps + a.profile_steps
-    cfg, step = make_step(memory, a, make_data(a, n_seg))
-    state, times = None, []
-    rss0 = peak_rss_mib()
-
-    for s in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        state = step(s, state)
-        dt = time.perf_counter() - t0
-        if s >= a.warmup:
-            times.append(dt)
-    first = a.warmup + a.steps
-    med = statistics.median(times)
-    flops = segment_flops(cfg)
-    tokens = a.batch * a.seg_len
-    return {"memory": memory, "step_s": med, "tokens_per_s": tokens / med,
-            "flops_per_token": flops.per_target_token,
-            "gflops_per_s": flops.per_target_token * tokens / med / 1e9,
-            "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - rss0,
-            "profile": lambda: gemm_breakdown(step, first, state, a.profile_steps)}
+    data = make_data(a, n_seg)
+    runs = {}
+    for m in memories:
+        rss0 = peak_rss_mib()
+        cfg, step = make_step(m, a, data)
+        state = None
+        for s in range(a.warmup):
+            state = step(s, state)
+        runs[m] = {"cfg": cfg, "step": step, "state": state, "times": [],
+                   "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - rss0}
+    for i, s in enumerate(range(a.warmup, a.warmup + a.steps)):
+        k = i % len(memories)
+        for m in memories[k:] + memories[:k]:
+            run = runs[m]
+            t0 = time.perf_counter()
+            run["state"] = run["step"](s, run["state"])
+            run["times"].append(time.perf_counter() - t0)
+    first, tokens, rows = a.warmup + a.steps, a.batch * a.seg_len, []
+    for m, run in runs.items():
+        med = statistics.median(run["times"])
+        flops = segment_flops(run["cfg"]).per_target_token
+        rows.append({"memory": m, "step_s": med, "step_times_s": run["times"],
+                     "tokens_per_s": tokens / med, "flops_per_token": flops,
+                     "gflops_per_s": flops * tokens / med / 1e9,
+                     "peak_rss_mib": run["peak_rss_mib"], "rss_growth_mib": run["rss_growth_mib"],
+                     "profile": functools.partial(gemm_breakdown, run["step"], first, run["state"],
+                                                  a.profile_steps)})
+    return rows
 
 
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
         a.batch, a.steps, a.warmup, a.profile_steps = 2, 2, 1, 1
         a.reference_rounds = 2
     torch.set_num_threads(a.threads)
-    rows = [bench_one(m, a) for m in a.memories.split(",")]
+    rows = bench_all(a.memories.split(","), a)
     for r in rows:  # after every timing and RSS reading: the profiler's own memory is large
         gemm = r.pop("profile")()
         r.update(gemm, gemm_ceiling_tokens_per_s=a.batch * a.seg_len / gemm["gemm_s"])
@@ -201,10 +215,12 @@ def main(argv=None) -> int:
           "everything else were free")
     summary = {"rows": rows, "config": vars(a)}
     if "lamemo" in by and "xl" in by:
-        t_ratio = by["lamemo"]["step_s"] / by["xl"]["step_s"]
+        t_ratio = statistics.median(  # per round: both ran within the same second or two
+            lam / xl for lam, xl in zip(by["lamemo"]["step_times_s"], by["xl"]["step_times_s"]))
         f_ratio = by["lamemo"]["flops_per_token"] / by["xl"]["flops_per_token"]
         summary.update(time_ratio=t_ratio, flop_ratio=f_ratio)
-        print(f"lamemo/xl: time ratio {t_ratio:.2f}, FLOP ratio {f_ratio:.2f} "
+        print(f"lamemo/xl: time ratio {t_ratio:.2f} (median of per-round ratios), "
+              f"FLOP ratio {f_ratio:.2f} "
               f"(target: time <= 1.1 x FLOP = {1.1 * f_ratio:.2f})")
         if not a.tiny and not a.reference_dir:
             for m in ("lamemo", "xl"):
@@ -214,14 +230,15 @@ def main(argv=None) -> int:
                       "--reference-dir measures it here")
     if a.reference_dir:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from reference_model import load
+        from reference_model import fingerprint, load
 
         reference = load(a.reference_dir)
         side = [versus_reference(m, a, reference) for m in ("lamemo", "xl")
                 if m in a.memories.split(",")]
-        summary["reference"] = {"dir": str(a.reference_dir), "rows": side}
-        print(f"side by side with the authors' code ({a.reference_dir}), alternating steps on "
-              "the same data:")
+        sha = fingerprint(a.reference_dir)
+        summary["reference"] = {"dir": str(a.reference_dir), "sha256": sha, "rows": side}
+        print(f"side by side with the authors' code ({a.reference_dir}, mem_transformer.py "
+              f"sha256 {sha}), alternating steps on the same data:")
         print(f"{'memory':8} {'rounds':>6} {'ours tok/s':>11} {'theirs tok/s':>13} "
               f"{'speedup (median, quartiles)':>28}")
         for r in side:

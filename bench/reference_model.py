@@ -21,6 +21,7 @@ is not in the repository (a module that refuses to be used stands in for it).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 import types
@@ -66,6 +67,12 @@ def load(directory: str | Path) -> types.ModuleType:
                           f"failed ({e}); the clone may be incomplete") from e
     finally:
         torch.version.cuda = cuda
+
+
+def fingerprint(directory: str | Path) -> str:
+    """First 12 hex digits of the SHA-256 of their mem_transformer.py: which code was timed."""
+    digest = hashlib.sha256((Path(directory).expanduser() / "mem_transformer.py").read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _init(model: torch.nn.Module, std: float = 0.02, proj_std: float = 0.01) -> None:
