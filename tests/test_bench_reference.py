@@ -4,6 +4,7 @@ not vendored, so without it they are reported as skipped, never as passed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,13 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lamemo_ds.checkpoint import from_reference
+from lamemo_ds.model import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import reference_model  # noqa: E402
-
-from lamemo_ds.checkpoint import from_reference  # noqa: E402
-from lamemo_ds.model import ModelConfig  # noqa: E402
+# by file path: putting bench/ on sys.path would let its train.py, loader.py, ... shadow names
+_spec = importlib.util.spec_from_file_location("reference_model",
+                                               REPO / "bench" / "reference_model.py")
+reference_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_model)
 
 LIVE = os.environ.get("LAMEMO_REFERENCE_DIR")
 needs_clone = pytest.mark.skipif(
