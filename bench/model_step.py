@@ -25,7 +25,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
+import reference_model  # bench/, beside this script: the authors' code from your clone
 import torch
 
 from lamemo_ds.model import LaMemoLM, ModelConfig
@@ -76,15 +78,18 @@ def make_data(a, n_seg: int) -> torch.Tensor:
 
 
 def make_step(memory: str, a, data: torch.Tensor):
-    """(cfg, step): step(s, state) trains our model on segment s and returns the new state."""
+    """(cfg, step): step(s) trains our model on segment s, carrying its memory from the last
+    call (as the reference's step does)."""
     cfg = ModelConfig(vocab_size=a.vocab, n_layer=a.layers, n_head=a.heads, d_model=a.d_model,
                       d_head=a.d_head, d_inner=a.d_inner, dropout=a.dropout, memory=memory,
                       segment_len=a.seg_len, mem_len=a.mem_len, attention_impl="eager")
     torch.manual_seed(0)
     model = LaMemoLM(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=2.5e-4, fused=True)  # one kernel, all params
+    state = None
 
-    def step(s: int, state):
+    def step(s: int) -> None:
+        nonlocal state
         x = data[:, s * a.seg_len:(s + 1) * a.seg_len]
         y = data[:, s * a.seg_len + 1:(s + 1) * a.seg_len + 1]
         out = model(x, state, targets=y)
@@ -92,42 +97,49 @@ def make_step(memory: str, a, data: torch.Tensor):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out.state
+        state = out.state
 
     return cfg, step
 
 
+def round_robin(steps: dict[str, Callable[[int], object]], segments: range
+                ) -> dict[str, list[float]]:
+    """Seconds of every named step on each segment, one step of each per round, the order
+    rotating each round: the machine's slow drifts (tens of percent here) hit all alike, and
+    ratios taken per round cancel them."""
+    names, times = list(steps), {name: [] for name in steps}
+    for i, s in enumerate(segments):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[name](s)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_all(memories: list[str], a) -> list[dict]:
-    """Every memory's step, timed round-robin: round i runs one step of each memory, the order
-    rotating each round, so the machine's slow drifts (tens of percent here) hit all alike and
-    per-round ratios cancel them. Peak RSS is read after each model's warm-up."""
+    """Every memory's step, timed `round_robin`. Peak RSS is read after each model's warm-up."""
     n_seg = a.warmup + a.steps + a.profile_steps
     data = make_data(a, n_seg)
     runs = {}
     for m in memories:
         rss0 = peak_rss_mib()
         cfg, step = make_step(m, a, data)
-        state = None
         for s in range(a.warmup):
-            state = step(s, state)
-        runs[m] = {"cfg": cfg, "step": step, "state": state, "times": [],
-                   "peak_rss_mib": peak_rss_mib(), "rss_growth_mib": peak_rss_mib() - rss0}
-    for i, s in enumerate(range(a.warmup, a.warmup + a.steps)):
-        k = i % len(memories)
-        for m in memories[k:] + memories[:k]:
-            run = runs[m]
-            t0 = time.perf_counter()
-            run["state"] = run["step"](s, run["state"])
-            run["times"].append(time.perf_counter() - t0)
-    first, tokens, rows = a.warmup + a.steps, a.batch * a.seg_len, []
+            step(s)
+        peak = peak_rss_mib()
+        runs[m] = {"cfg": cfg, "step": step, "peak_rss_mib": peak, "rss_growth_mib": peak - rss0}
+    first = a.warmup + a.steps
+    times = round_robin({m: run["step"] for m, run in runs.items()}, range(a.warmup, first))
+    tokens, rows = a.batch * a.seg_len, []
     for m, run in runs.items():
-        med = statistics.median(run["times"])
+        med = statistics.median(times[m])
         flops = segment_flops(run["cfg"]).per_target_token
-        rows.append({"memory": m, "step_s": med, "step_times_s": run["times"],
+        rows.append({"memory": m, "step_s": med, "step_times_s": times[m],
                      "tokens_per_s": tokens / med, "flops_per_token": flops,
                      "gflops_per_s": flops * tokens / med / 1e9,
                      "peak_rss_mib": run["peak_rss_mib"], "rss_growth_mib": run["rss_growth_mib"],
-                     "profile": functools.partial(gemm_breakdown, run["step"], first, run["state"],
+                     "profile": functools.partial(gemm_breakdown, run["step"], first,
                                                   a.profile_steps)})
     return rows
 
@@ -135,7 +147,7 @@ def bench_all(memories: list[str], a) -> list[dict]:
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
-def gemm_breakdown(step, first: int, state, count: int) -> dict:
+def gemm_breakdown(step, first: int, count: int) -> dict:
     """`count` more steps under the profiler: time and FLOP rate of their matrix multiplies.
 
     The GEMM time alone bounds the step from below on this machine: `gemm_ceiling` is the
@@ -147,7 +159,7 @@ def gemm_breakdown(step, first: int, state, count: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         t0 = time.perf_counter()
         for s in range(first, first + count):
-            state = step(s, state)
+            step(s)
         wall = time.perf_counter() - t0
     ev = [e for e in prof.key_averages() if e.key in GEMM_OPS]
     gemm_s = sum(e.self_cpu_time_total for e in ev) / 1e6 / count  # per step
@@ -157,27 +169,16 @@ def gemm_breakdown(step, first: int, state, count: int) -> dict:
 
 
 def versus_reference(memory: str, a, reference) -> dict:
-    """Ours and the authors' model, one step each per round, the order swapped every round, on
-    the same data; the per-round speed ratios cancel the machine's slow drifts."""
-    from reference_model import make_step as make_reference_step
-
+    """Ours and the authors' model (`reference_model`), timed `round_robin` on the same data."""
     n_seg = a.warmup + a.reference_rounds
     data = make_data(a, n_seg)
-    _, ours = make_step(memory, a, data)
-    theirs = make_reference_step(reference, memory, a, data)
-    state = None
+    steps = {"ours": make_step(memory, a, data)[1],
+             "theirs": reference_model.make_step(reference, memory, a, data)}
     for s in range(a.warmup):
-        state = ours(s, state)
-        theirs(s)
-    t_ours, t_theirs = [], []
-    for s in range(a.warmup, n_seg):
-        for who in ((0, 1) if s % 2 else (1, 0)):
-            t0 = time.perf_counter()
-            if who == 0:
-                state = ours(s, state)
-            else:
-                theirs(s)
-            (t_ours if who == 0 else t_theirs).append(time.perf_counter() - t0)
+        for step in steps.values():
+            step(s)
+    times = round_robin(steps, range(a.warmup, n_seg))
+    t_ours, t_theirs = times["ours"], times["theirs"]
     ratios = [b / o for o, b in zip(t_ours, t_theirs)]  # > 1: ours is faster
     tokens = a.batch * a.seg_len
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -185,7 +186,7 @@ def versus_reference(memory: str, a, reference) -> dict:
             "ours_tokens_per_s": tokens / statistics.median(t_ours),
             "reference_tokens_per_s": tokens / statistics.median(t_theirs),
             "speedup_median": statistics.median(ratios), "speedup_quartiles": [q[0], q[2]],
-            "reference_parameters": theirs.num_parameters}
+            "reference_parameters": steps["theirs"].num_parameters}
 
 
 def main(argv=None) -> int:
@@ -229,13 +230,10 @@ def main(argv=None) -> int:
                       f"quoted from another machine ({by[m]['tokens_per_s'] / ref:.2f}x); "
                       "--reference-dir measures it here")
     if a.reference_dir:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from reference_model import fingerprint, load
-
-        reference = load(a.reference_dir)
+        reference = reference_model.load(a.reference_dir)
         side = [versus_reference(m, a, reference) for m in ("lamemo", "xl")
                 if m in a.memories.split(",")]
-        sha = fingerprint(a.reference_dir)
+        sha = reference_model.fingerprint(a.reference_dir)
         summary["reference"] = {"dir": str(a.reference_dir), "sha256": sha, "rows": side}
         print(f"side by side with the authors' code ({a.reference_dir}, mem_transformer.py "
               f"sha256 {sha}), alternating steps on the same data:")
