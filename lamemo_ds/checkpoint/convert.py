@@ -227,7 +227,8 @@ def record_eval(folder: Path, model: torch.nn.Module, result: dict) -> None:
     evals = json.loads(path.read_text()) if path.is_file() else {}
     evals[f"{result['split']}/{result['protocol']}"] = {
         k: result[k] for k in ("loss", "ppl", "bpc", "tokens", "segment_len", "mem_len",
-                               "clamp_len", "same_length", "data")}
+                               "clamp_len", "same_length", "data", "memory", "memory_gain_bpc",
+                               "recall") if k in result}
     run_cfg, toks, _ = _read_extras(folder)
     loaded = Loaded(model=model, source=str(folder), run_config=run_cfg, tokenizer_files=toks,
                     eval_results=evals)

@@ -1,8 +1,16 @@
-"""`lamemo eval`: perplexity and bits per character of an exported model over a prepared split.
+"""`lamemo eval`: perplexity and bits per character of a model over a prepared split.
 
     lamemo eval --model out/ --data data/enwik8 --split test --protocol paper
+    lamemo eval --model runs/x --data data/enwik8 --memory reset     # a training run's checkpoint
     lamemo eval --model out/ --data data/enwik8 --split test --protocol xl \
         --seg-len 80 --mem-len 2100 --clamp-len 820
+
+The model is a `lamemo convert` folder (consolidated or hf) or a DeepSpeed training checkpoint
+(a run folder, its checkpoints/ or one step-N/). `--memory both` (default) evaluates twice, with
+the memory carried between segments and with an empty memory before every segment, and reports
+the memory gain loss(reset) - loss(carried); `carried` or `reset` runs one pass. On a recall
+corpus (`lamemo prepare --corpus recall`) the retrieval cost in bits per key symbol is reported
+too, next to log2(alphabet), the cost of a model that cannot see the key.
 
 Protocols (SPEC §6): `paper` evaluates with the training segment and memory lengths; `xl` with
 Transformer-XL's longer memory (flags, else the `eval:` section of the training config stored
@@ -18,7 +26,16 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="folder written by `lamemo convert`")
+    p.add_argument("--model", required=True, help="folder written by `lamemo convert`, or a "
+                   "DeepSpeed checkpoint (run folder, its checkpoints/ or a step-N/)")
+    p.add_argument("--from", dest="src_format", choices=["auto", "consolidated", "hf",
+                                                          "deepspeed"], default="auto",
+                   help="format of --model (auto: config.json means consolidated/hf, "
+                   "otherwise a DeepSpeed checkpoint)")
+    p.add_argument("--memory", choices=["both", "carried", "reset"], default="both",
+                   help="carried: memory passed between segments; reset: empty memory before "
+                   "every segment (same model, same tokens); both (default): the two, and the "
+                   "memory gain")
     p.add_argument("--data", required=True, help="folder written by `lamemo prepare`")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--protocol", choices=["paper", "xl"], default="paper",
@@ -68,43 +85,117 @@ def _batches(args, seg_len: int):
                           loop=False)
 
 
-def run(args) -> int:
+def load_model(path: str, fmt: str):
+    """(LaMemoLM in eval mode, training RunConfig or None) from any format eval accepts."""
     import torch
+
+    from ..checkpoint.convert import RUN_CONFIG_NAME, read_source
+    from ..config.load import load_config
+
+    folder = Path(path)
+    if fmt == "auto":
+        fmt = "consolidated" if (folder / "config.json").is_file() else "deepspeed"
+    if fmt == "deepspeed":
+        loaded = read_source("deepspeed", folder, quiet=True)
+        return loaded.model.float().eval(), loaded.run_config
+    from ..checkpoint.safetensors_io import load_model_folder
+
+    model, _ = load_model_folder(folder, dtype=torch.float32)
+    run_cfg_path = folder / RUN_CONFIG_NAME
+    return model, load_config(run_cfg_path) if run_cfg_path.is_file() else None
+
+
+def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
     from tqdm import tqdm
 
-    from ..checkpoint.convert import RUN_CONFIG_NAME, record_eval
-    from ..checkpoint.safetensors_io import CheckpointError, load_model_folder
-    from ..config.load import load_config
     from ..evaluation import evaluate
 
+    batches = _batches(args, s["segment_len"])
+    n_seg = len(batches)
+    if args.max_segments:
+        n_seg = min(n_seg, args.max_segments)
+    bar = tqdm(total=n_seg * args.batch_size * s["segment_len"], unit="tok",
+               desc=f"eval {args.split} ({memory} memory)", disable=args.no_progress,
+               file=sys.stderr)
     try:
-        model, _ = load_model_folder(args.model, dtype=torch.float32)
-    except CheckpointError as e:
+        return evaluate(model.to(device), batches, mem_len=s["mem_len"],
+                        clamp_len=s["clamp_len"], same_length=s["same_length"],
+                        max_segments=args.max_segments, progress=bar.update, memory=memory,
+                        target_mask=scorer)
+    finally:
+        bar.close()
+        batches.close()
+
+
+def summarize(results: dict, kind: str, spec) -> dict:
+    """The JSON fields of a (carried and/or reset) evaluation: the first pass's numbers at top
+    level, each pass under its name, the memory gain, and the recall cost when scored."""
+    from ..evaluation import memory_gain
+
+    main = results.get("carried") or results["reset"]
+    out = dict(main.as_dict())
+    if len(results) == 2:
+        out["reset"] = results["reset"].as_dict()
+        out.update(memory_gain(results["carried"], results["reset"]))
+        if kind == "none":
+            out["memory_gain_note"] = "model.memory=none: carried and reset are the same model"
+    if spec is not None:
+        out["recall"] = {"bits_per_key_symbol": {k: r.subset_bits for k, r in results.items()},
+                         "chance_bits": spec.bits_per_symbol, "key_symbols": main.subset_tokens,
+                         "gap": [spec.gap_min, spec.gap_max]}
+    return out
+
+
+def _report(split: str, out: dict, s: dict, protocol: str) -> None:
+    for name in ("carried", "reset"):
+        r = out if out["memory"] == name else out.get(name)
+        if r is not None:
+            print(f"{split} ({name} memory): loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  "
+                  f"bpc {r['bpc']:.4f}  ({r['tokens']:,} tokens, protocol {protocol}, "
+                  f"N={s['segment_len']}, mem_len={s['mem_len']})", file=sys.stderr)
+    if "memory_gain_bpc" in out:
+        note = f" ({out['memory_gain_note']})" if "memory_gain_note" in out else ""
+        print(f"memory gain: {out['memory_gain_bpc']:+.4f} bpc (loss(reset) - loss(carried)), "
+              f"ppl ratio {out['memory_ppl_ratio']:.3f}{note}", file=sys.stderr)
+    if "recall" in out:
+        rc = out["recall"]
+        bits = ", ".join(f"{k} {v:.3f}" for k, v in rc["bits_per_key_symbol"].items())
+        print(f"recall: bits per key symbol: {bits} (chance {rc['chance_bits']:.3f}; "
+              f"{rc['key_symbols']:,} key symbols, gap {rc['gap'][0]}-{rc['gap'][1]})",
+              file=sys.stderr)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..checkpoint.convert import record_eval
+    from ..checkpoint.safetensors_io import CheckpointError
+    from ..data.recall import recall_scorer
+
+    if args.record and not (Path(args.model) / "config.json").is_file():
+        print(f"lamemo eval: --record stores the result in a `lamemo convert` folder; "
+              f"{args.model} is not one (convert it first, or drop --record)", file=sys.stderr)
+        return 2
+    try:
+        model, run_config = load_model(args.model, args.src_format)
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"lamemo eval: {e}", file=sys.stderr)
         return 1
-    run_cfg_path = Path(args.model) / RUN_CONFIG_NAME
-    run_config = load_config(run_cfg_path) if run_cfg_path.is_file() else None
     s = protocol_settings(args, model.config, run_config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    batches = _batches(args, s["segment_len"])
-    total = None
-    if hasattr(batches, "__len__"):
-        n_seg = len(batches)
-        if args.max_segments:
-            n_seg = min(n_seg, args.max_segments)
-        total = n_seg * args.batch_size * s["segment_len"]
-    bar = tqdm(total=total, unit="tok", desc=f"eval {args.split}", disable=args.no_progress,
-               file=sys.stderr)
-    result = evaluate(model, batches, mem_len=s["mem_len"], clamp_len=s["clamp_len"],
-                      same_length=s["same_length"], max_segments=args.max_segments,
-                      progress=bar.update)
-    bar.close()
+    scorer = recall_scorer(args.data, args.split)
+    modes = ("carried", "reset") if args.memory == "both" else (args.memory,)
+    kind = model.config.memory
+    results = {}
+    for mode in modes:
+        if mode == "reset" and kind == "none" and "carried" in results:
+            results[mode] = results["carried"]  # identical by construction: no second pass
+        else:
+            results[mode] = _one_pass(args, model, s, mode, scorer, device)
     out = {"model": str(args.model), "data": str(args.data), "split": args.split,
-           "protocol": args.protocol, **s, "batch_size": args.batch_size, **result.as_dict()}
-    print(f"{args.split}: loss {result.loss:.4f}  ppl {result.ppl:.3f}  bpc {result.bpc:.4f}  "
-          f"({result.tokens:,} tokens, protocol {args.protocol}, N={s['segment_len']}, "
-          f"mem_len={s['mem_len']})", file=sys.stderr)
+           "protocol": args.protocol, **s, "batch_size": args.batch_size,
+           **summarize(results, kind, scorer.spec if scorer else None)}
+    _report(args.split, out, s, args.protocol)
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:

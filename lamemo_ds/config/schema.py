@@ -235,6 +235,10 @@ class EvalConfig:
     """Evaluation same_length (None: model.same_length)."""
     batch_size: int = 8
     """Streams per rank during evaluation."""
+    memory_gain: bool = True
+    """In-training evaluations also run with the memory reset before every segment and log
+    the memory gain loss(reset) - loss(carried) (doubles evaluation time; skipped for
+    model.memory=none, where the two are the same by construction)."""
 
     def validate(self, path: str = "eval") -> EvalConfig:
         _check(self.segment_len is None or self.segment_len >= 1, f"{path}.segment_len",

@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", choices=("byte", "char", "word", "bpe"), default="byte")
     p.add_argument("--verify", metavar="DIR", help="re-check every shard of a prepared folder")
     p.add_argument("--shard-size", type=_size, default="64M", help="max bytes per shard")
-    p.add_argument("--split-sizes", default="90000000,5000000,5000000",
-                   help="enwik8/text8: train,valid,test sizes in bytes/chars")
+    p.add_argument("--split-sizes", default=None,
+                   help="enwik8/text8: train,valid,test sizes in bytes/chars (default "
+                   "90000000,5000000,5000000); recall: tokens per split (default "
+                   "4000000,131072,131072)")
     p.add_argument("--valid-frac", type=float, default=0.05,
                    help="files/books/jsonl without given splits: fraction of documents (by "
                    "name hash) in valid; same for --test-frac")
@@ -37,6 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpe-vocab", type=int, default=8192, help="BPE vocabulary size")
     p.add_argument("--max-docs", type=int, help="at most this many documents per split")
     p.add_argument("--max-bytes", type=_size, help="stop a split after this much text")
+    g = p.add_argument_group("--corpus recall (a key written once, recalled `gap` tokens later)")
+    g.add_argument("--recall-gap", default="48", help="tokens between a key symbol's two "
+                   "copies: N or a range LO-HI (make it larger than the segment length)")
+    g.add_argument("--recall-key-len", type=int, default=6, help="symbols per key")
+    g.add_argument("--recall-alphabet", default="0123456789abcdef", help="key symbols")
+    g.add_argument("--recall-filler", default=".", help="text repeated between the copies")
+    g.add_argument("--recall-episodes", type=int, default=16, help="keys per document")
+    g.add_argument("--recall-spacing", type=int, default=16,
+                   help="at most this many filler tokens after an episode (random)")
+    g.add_argument("--recall-seed", type=int, default=0, help="generator seed")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="overwrite an existing prepared folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .corpora import CorpusError
     from .prepare import PrepareError, PrepareOptions, prepare
+    from .recall import DEFAULT_SIZES
     from .shards import ShardError
 
     if args.verify:
@@ -52,17 +65,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("lamemo prepare: give --out DIR (or --verify DIR)", file=sys.stderr)
         return 2
-    sizes = tuple(int(s) for s in args.split_sizes.split(","))
+    sizes_text = args.split_sizes or (",".join(map(str, DEFAULT_SIZES))
+                                      if args.corpus == "recall" else "90000000,5000000,5000000")
+    try:
+        sizes = tuple(_size(s) for s in sizes_text.split(","))
+    except (ValueError, IndexError):
+        sizes = ()
     if len(sizes) != 3:
-        print(f"lamemo prepare: --split-sizes wants 3 numbers, got {args.split_sizes!r}",
+        print(f"lamemo prepare: --split-sizes wants 3 numbers, got {sizes_text!r}",
               file=sys.stderr)
+        return 2
+    try:
+        recall = _recall_spec(args) if args.corpus == "recall" else None
+    except CorpusError as e:
+        print(f"lamemo prepare: error: {e}", file=sys.stderr)
         return 2
     o = PrepareOptions(
         corpus=args.corpus, input=args.input, tokenizer=args.tokenizer,
         shard_bytes=args.shard_size, sizes=sizes, valid_frac=args.valid_frac,
         test_frac=args.test_frac, pattern=args.pattern, text_field=args.text_field,
         min_freq=args.min_freq, bpe_vocab=args.bpe_vocab, max_docs=args.max_docs,
-        max_bytes=args.max_bytes)
+        max_bytes=args.max_bytes, recall=recall)
     try:
         m, wrote = prepare(o, args.out, workers=args.workers, force=args.force,
                            progress=not args.quiet)
@@ -71,6 +94,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _report(m, args.out, wrote)
     return 0
+
+
+def _recall_spec(args: argparse.Namespace):
+    """The recall generator's knobs from the flags, checked before anything is written."""
+    from .recall import RecallSpec, parse_gap
+
+    lo, hi = parse_gap(args.recall_gap)
+    return RecallSpec(gap_min=lo, gap_max=hi, key_len=args.recall_key_len,
+                      alphabet=args.recall_alphabet, filler=args.recall_filler,
+                      episodes=args.recall_episodes, spacing=args.recall_spacing,
+                      seed=args.recall_seed).check(args.tokenizer)
 
 
 def _report(m: dict, out: str, wrote: bool) -> None:

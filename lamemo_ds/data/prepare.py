@@ -13,12 +13,13 @@ import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import corpora as C
+from . import recall as R
 from .manifest import FORMAT, MANIFEST, load_manifest, write_manifest
 from .shards import FlatWriter, ShardWriter, token_dtype
 from .tokenizer import (
@@ -30,7 +31,7 @@ from .tokenizer import (
     train_bpe,
 )
 
-CORPORA = ("stdlib", "files", "books", "jsonl", "enwik8", "text8", "wikitext103")
+CORPORA = ("stdlib", "files", "books", "jsonl", "enwik8", "text8", "wikitext103", "recall")
 MIN_SHARD = 16 << 10
 _WORKER: dict = {}  # per worker process: the tokenizer, set once by the pool initializer
 
@@ -52,6 +53,8 @@ class PrepareOptions:
     bpe_vocab: int = 8192
     max_docs: int | None = None
     max_bytes: int | None = None
+    recall: R.RecallSpec | None = None
+    """--corpus recall: the generator's knobs (sizes are then tokens per split)."""
 
 
 class PrepareError(RuntimeError):
@@ -66,6 +69,8 @@ def open_corpus(o: PrepareOptions, stats: C.CleanStats) -> C.Corpus:
         return C.files_corpus(C.stdlib_root(), pattern=o.pattern or "*.py",
                               valid_frac=o.valid_frac, test_frac=o.test_frac, stats=stats,
                               name="stdlib")
+    if o.corpus == "recall":
+        return R.recall_corpus((o.recall or R.RecallSpec()).check(o.tokenizer), o.sizes)
     if o.input is None:
         raise PrepareError(f"--corpus {o.corpus} needs --input (the raw corpus path)")
     src = Path(o.input)
@@ -277,6 +282,8 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
             progress: bool = True) -> tuple[dict, bool]:
     """Prepare `out`; returns (manifest, wrote). An identical finished output is left alone."""
     out = Path(out)
+    if o.corpus == "recall" and o.recall is None:
+        o = replace(o, recall=R.RecallSpec())
     if o.shard_bytes < MIN_SHARD:
         raise PrepareError(f"--shard-size {o.shard_bytes} is below the minimum {MIN_SHARD} bytes")
     opts = _options_json(o)
@@ -312,6 +319,7 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
         "tokenizer": {"kind": tok.kind, "id": tok_id, "file": "tokenizer.json",
                       "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
         "splits": splits,
+        **({"recall": opts["recall"]} if o.corpus == "recall" else {}),
         "stats": {"clean": stats.as_dict(), "text_bytes": text_bytes,
                   "documents": sum(s["documents"] for s in splits.values()),
                   "tokens": sum(s["tokens"] for s in splits.values()),

@@ -101,20 +101,43 @@ class Metrics:
               f"{s['perf/tflops']:.3g} TFLOP/s | wait {100 * s['perf/data_wait_frac']:.1f}% | "
               f"skipped {int(s['train/skipped_steps'])}", flush=True)
 
-    def eval(self, step: int, split: str, result) -> None:
+    def eval(self, step: int, split: str, result, reset=None) -> None:
+        """Log an evaluation; `reset` (the same split with memory reset before every segment)
+        adds the memory gain (eval/<split>_memory_gain_bpc) and, on a recall corpus, the bits
+        per key symbol of both passes."""
         if not self.enabled:
             return
+        from ..evaluation import memory_gain
+
         score = self.score(result.loss)
+        record = dict(result.as_dict(), split=split)
+        scalars = {f"eval/{split}_loss": result.loss, f"eval/{split}_{self.unit}": score,
+                   f"eval/{split}_recall_bits": result.subset_bits}
+        if reset is not None:
+            gain = memory_gain(result, reset)
+            record.update(gain, reset=reset.as_dict())
+            scalars.update({f"eval/{split}_memory_gain_bpc": gain["memory_gain_bpc"],
+                            f"eval/{split}_memory_ppl_ratio": gain["memory_ppl_ratio"],
+                            f"eval/{split}_recall_bits_reset": reset.subset_bits})
         if self.tb is not None:
-            self.tb.add_scalar(f"eval/{split}_loss", result.loss, step)
-            self.tb.add_scalar(f"eval/{split}_{self.unit}", score, step)
+            for k, v in scalars.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
             for i, v in enumerate(result.by_segment):
                 self.tb.add_scalar(f"eval/{split}_loss_by_segment", v, i)
+            if reset is not None:
+                for i, v in enumerate(reset.by_segment):
+                    self.tb.add_scalar(f"eval/{split}_loss_by_segment_reset", v, i)
             self.tb.flush()
-        self.jsonl.write(json.dumps({"step": step, "eval": dict(result.as_dict(), split=split)})
-                         + "\n")
+        self.jsonl.write(json.dumps({"step": step, "eval": record}) + "\n")
         seg = result.by_segment
         tail = f" | segment 0 {seg[0]:.4f} -> last {seg[-1]:.4f}" if len(seg) > 1 else ""
+        if reset is not None:
+            tail += f" | memory gain {record['memory_gain_bpc']:+.4f} bpc"
+        if result.subset_bits is not None:
+            tail += f" | recall {result.subset_bits:.3f} bits/symbol"
+            if reset is not None:
+                tail += f" (reset {reset.subset_bits:.3f})"
         print(f"eval  {step:>7} | {split} loss {result.loss:.4f} | {self.unit} {score:.4f} | "
               f"{result.tokens:,} tokens{tail}", flush=True)
 

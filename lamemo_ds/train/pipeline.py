@@ -86,8 +86,12 @@ class PipelineTrainer(Trainer):
                           stop=agreed[0].item() > 0, wait_s=wait, alphas=alphas)
 
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0, stop=None) -> EvalResult:
-        """Loss over `split` from empty eval banks; the training memory is left untouched."""
+    def evaluate(self, split: str, *, max_segments: int = 0, stop=None,
+                 memory: str = "carried") -> EvalResult:
+        """Loss over `split` from empty eval banks; the training memory is left untouched.
+        memory="reset" flags every segment as a stream start (no memory row is valid). The last
+        stage reports a mean loss per micro-batch, so recall key symbols are not scored apart
+        here (`lamemo eval` on the checkpoint does)."""
         ev = self.plan.eval
         loader = OrderedStreams(
             self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
@@ -104,8 +108,9 @@ class PipelineTrainer(Trainer):
                 if stop is not None and i and i % 16 == 0 and stop():
                     interrupted = True
                     break
+                reset = torch.ones_like(b.reset) if memory == "reset" else b.reset
                 items = micro_batches(b.input.to(self.device), b.target.to(self.device),
-                                      b.reset.to(self.device), micro_batch=ev.batch_size)
+                                      reset.to(self.device), micro_batch=ev.batch_size)
                 loss = self.engine.eval_batch(iter(items), num_micro_batches=1)
                 by_index.setdefault(int(b.index), []).append(float(loss))
         finally:
@@ -116,7 +121,7 @@ class PipelineTrainer(Trainer):
         tokens = len(losses) * ev.batch_size * ev.segment_len * self.plan.dp_size
         by_seg = [sum(by_index[k]) / len(by_index[k]) for k in sorted(by_index)]
         return EvalResult(loss=sum(losses) / max(len(losses), 1), tokens=tokens,
-                          by_segment=by_seg, interrupted=interrupted)
+                          by_segment=by_seg, interrupted=interrupted, memory=memory)
 
     # ------------------------------------------------------------------------- checkpoints
     def rank_state(self) -> dict:

@@ -20,6 +20,7 @@ import torch
 from ..config.derive import Plan
 from ..config.load import dump_config
 from ..config.schema import RunConfig
+from ..data.recall import recall_scorer
 from ..data.streams import OrderedStreams
 from ..evaluation import EvalResult, evaluate
 from ..model import LaMemoLM
@@ -177,9 +178,11 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0, stop=None) -> EvalResult:
+    def evaluate(self, split: str, *, max_segments: int = 0, stop=None,
+                 memory: str = "carried") -> EvalResult:
         """Loss over `split` with a fresh memory bank, every rank contributing its streams;
-        `stop` (collective) ends it early on a preemption signal."""
+        `stop` (collective) ends it early on a preemption signal. memory="reset" empties the
+        memory before every segment; on a recall corpus the key symbols are scored apart."""
         ev = self.plan.eval
         loader = OrderedStreams(
             self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
@@ -188,9 +191,17 @@ class Trainer:
         try:
             return evaluate(self.engine, loader, mem_len=ev.mem_len, clamp_len=ev.clamp_len,
                             same_length=ev.same_length, max_segments=max_segments,
-                            all_reduce=self.comm.all_reduce, stop=stop)
+                            all_reduce=self.comm.all_reduce, stop=stop, memory=memory,
+                            target_mask=self._scorer(split))
         finally:
             loader.close()
+
+    def _scorer(self, split: str):
+        """The recall key-symbol mask of `split` (None unless the data is a recall corpus)."""
+        cache = self.__dict__.setdefault("_scorers", {})
+        if split not in cache:
+            cache[split] = recall_scorer(self.cfg.data.path, split)
+        return cache[split]
 
     # ------------------------------------------------------------------------- checkpoints
     def rank_state(self) -> dict:
@@ -325,13 +336,21 @@ class Trainer:
         self.metrics.interval(self.step, scalars, alphas)
 
     def _eval(self, split: str, max_segments: int, flag: StopFlag) -> bool:
-        """Evaluate and log; True when a stop signal interrupted it (nothing is logged then)."""
-        result = self.evaluate(split, max_segments=max_segments,
-                               stop=lambda: self.comm.any(flag.is_set))
-        if result.interrupted:
-            self.log(f"evaluation of {split} interrupted by a stop signal")
-            return True
-        self.metrics.eval(self.step, split, result)
+        """Evaluate (with carried memory, then reset memory for the memory gain) and log; True
+        when a stop signal interrupted it (nothing is logged then)."""
+        results = {}
+        for memory in ("carried", "reset"):
+            if memory == "reset" and not self.cfg.eval.memory_gain:
+                break
+            if memory == "reset" and self.cfg.model.memory == "none":
+                results[memory] = results["carried"]  # the same by construction
+                break
+            results[memory] = self.evaluate(split, max_segments=max_segments, memory=memory,
+                                            stop=lambda: self.comm.any(flag.is_set))
+            if results[memory].interrupted:
+                self.log(f"evaluation of {split} interrupted by a stop signal")
+                return True
+        self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"))
         return False
 
     def _preempted(self) -> int:
