@@ -1,12 +1,23 @@
-"""Quality study: does memory help? Train lamemo, xl and none with the same budget and seed on
-the byte-level Python-stdlib corpus, then report valid bpc and valid bpc by segment index.
+"""Quality study: does memory help? lamemo, xl and none, several seeds, equal steps and equal time.
 
-Segment 0 of every evaluation stream has no memory, so the curve's first point is the same
-task for all three models; the gap that opens at later segments is what memory buys.
+Every model trains with the same config and seed list; evaluations at regular steps run the valid
+split twice, with the memory carried and with the memory reset before every segment, and record
+the training wall time reached. Reported, as mean +- sd over seeds:
 
-    python bench/quality.py                   # CPU default: each run well under 15 min here
-    python bench/quality.py --steps 20000 --d-model 512 --layers 12   # a GPU-sized study
-    python bench/quality.py --tiny            # seconds, for CI
+- equal steps: valid bpc at the last step, with carried and reset memory, and the memory gain
+  (reset - carried, bits per token);
+- equal wall time: each model at the last evaluation inside the budget of the fastest model's
+  whole run (the slower models have done fewer steps by then);
+- on the recall corpus (`--corpus recall`), the bits per recalled key symbol as well.
+
+A gap is called "beyond noise" when the two means differ by more than twice the larger sd.
+Plots: training curves (train loss by step, valid bpc by training time) and valid bpc by segment
+index with carried vs reset memory.
+
+    python bench/quality.py                       # stdlib, 3 seeds (about 40 min on 2 cores)
+    python bench/quality.py --corpus recall       # configs/recall.yaml, 3 seeds (~10 min)
+    python bench/quality.py --init-std 0.02       # the reference's init (see bench/RESULTS.md)
+    python bench/quality.py --tiny                # seconds, for CI
 """
 
 from __future__ import annotations
@@ -15,95 +26,222 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+LN2 = math.log(2)
+DEFAULTS = {  # corpus -> (base config, data folder, overrides of the arguments below)
+    "stdlib": ("configs/debug.yaml", "demo/data",
+               {"steps": 400, "layers": 4, "d_model": 128, "heads": 4, "seg_len": 64,
+                "mem_len": 64, "batch": 8, "lr": 2e-3, "init_std": 0.088, "warmup": 40,
+                "eval_segments": 32}),
+    "recall": ("configs/recall.yaml", "data/recall",
+               {"steps": 1500, "layers": 2, "d_model": 128, "heads": 4, "seg_len": 32,
+                "mem_len": 64, "batch": 16, "lr": 1e-3, "init_std": 0.088, "warmup": 100,
+                "eval_segments": 32}),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(REPO / "demo" / "data"),
-                   help="byte-level stdlib corpus (prepared here if missing)")
-    p.add_argument("--out", default=str(REPO / "runs" / "quality"), help="run folders")
+    p.add_argument("--corpus", choices=sorted(DEFAULTS), default="stdlib")
+    p.add_argument("--data", help="prepared corpus (default: demo/data or data/recall; "
+                   "prepared here if missing)")
+    p.add_argument("--out", default="runs/quality", help="run folders")
     p.add_argument("--memories", default="lamemo,xl,none")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seg-len", type=int, default=64)
-    p.add_argument("--mem-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=1111)
-    p.add_argument("--eval-segments", type=int, default=64,
-                   help="segments per evaluation stream (the length of the by-segment curve)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    for name, kind in (("steps", int), ("layers", int), ("d_model", int), ("heads", int),
+                       ("seg_len", int), ("mem_len", int), ("batch", int), ("lr", float),
+                       ("init_std", float), ("warmup", int), ("eval_segments", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help="default: per corpus (see DEFAULTS in this file)")
+    p.add_argument("--eval-points", type=int, default=6, help="evaluations per run")
+    p.add_argument("--plots", default=str(REPO / "bench"), help="folder for the PNG plots")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    base, data, defaults = DEFAULTS[a.corpus]
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.base, a.data = base, a.data or (data + "-tiny" if a.tiny else data)
+    if a.tiny:
+        a.steps, a.layers, a.d_model, a.heads, a.batch = 12, 1, 32, 2, 2
+        a.seg_len = a.mem_len = 16
+        a.eval_segments, a.eval_points, a.seeds, a.warmup = 3, 2, "1,2", 2
+        a.out = a.out.rstrip("/") + "-tiny"
+    return a
 
 
-def lamemo_cmd() -> list[str]:
-    return [sys.executable, "-m", "lamemo_ds.cli"]
+def lamemo(*args: str, **kw) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], check=True, env=env,
+                   cwd=REPO, **kw)
 
 
-def ensure_data(data: Path, tiny: bool) -> None:
-    if (data / "manifest.json").is_file():
+def ensure_data(a) -> None:
+    if (REPO / a.data / "manifest.json").is_file():
         return
-    cmd = lamemo_cmd() + ["prepare", "--corpus", "stdlib", "--tokenizer", "byte", "--out",
-                          str(data), "--quiet"] + (["--max-bytes", "2M"] if tiny else [])
-    subprocess.run(cmd, check=True)
+    if a.corpus == "recall":
+        extra = ["--split-sizes", "200000,16384,16384"] if a.tiny else []
+    else:
+        extra = ["--tokenizer", "byte"] + (["--max-bytes", "2M"] if a.tiny else [])
+    lamemo("prepare", "--corpus", a.corpus, "--out", a.data, "--quiet", *extra)
 
 
-def train_one(memory: str, a) -> dict:
-    out = Path(a.out) / memory
+def train_one(memory: str, seed: int, a) -> dict:
+    out = REPO / a.out / a.corpus / f"{memory}-seed{seed}"
     sets = {
         "model.vocab_size": 257, "model.n_layer": a.layers, "model.n_head": a.heads,
         "model.d_model": a.d_model, "model.d_head": a.d_model // a.heads,
         "model.d_inner": 4 * a.d_model, "model.dropout": 0.0, "model.memory": memory,
-        "model.segment_len": a.seg_len, "model.mem_len": a.mem_len, "data.path": a.data,
-        "optim.lr": a.lr, "optim.warmup_steps": min(100, a.steps // 10),
-        "train.micro_batch_size": a.batch, "train.max_steps": a.steps, "train.seed": a.seed,
-        "train.log_interval": max(1, a.steps // 10), "train.eval_interval": 0,
+        "model.segment_len": a.seg_len, "model.mem_len": a.mem_len,
+        "model.init_std": a.init_std, "data.path": a.data, "optim.lr": a.lr,
+        "optim.warmup_steps": a.warmup, "optim.min_lr": a.lr / 10,
+        "train.micro_batch_size": a.batch, "train.max_steps": a.steps, "train.seed": seed,
+        "train.log_interval": max(1, a.steps // 50),
+        "train.eval_interval": max(1, a.steps // a.eval_points),
         "train.eval_max_segments": a.eval_segments, "train.output_dir": str(out),
-        "eval.batch_size": a.batch, "checkpoint.interval": 0, "checkpoint.resume": False,
+        "eval.batch_size": a.batch, "eval.memory_gain": True, "checkpoint.interval": 0,
+        "checkpoint.resume": False, "logging.tensorboard": False,
     }
-    cmd = lamemo_cmd() + ["train", "--config", str(REPO / "configs" / "debug.yaml")] + [
-        x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     t0 = time.time()
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"eval"' in line]
-    valid = [e for e in evals if e.get("split") == "valid"][-1]
-    ln2 = math.log(2)
-    return {"memory": memory, "seconds": round(time.time() - t0, 1),
-            "valid_bpc": valid["loss"] / ln2, "valid_tokens": valid["tokens"],
-            "bpc_by_segment": [x / ln2 for x in valid["loss_by_segment"]]}
+    lamemo("train", "--config", a.base, *[x for k, v in sets.items()
+                                         for x in ("--set", f"{k}={v}")],
+           stdout=subprocess.DEVNULL)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [dict(e["eval"], step=e["step"]) for e in lines if "eval" in e]
+    curve = [(e["step"], e["interval"]["train/loss"] / LN2) for e in lines if "interval" in e]
+    return {"memory": memory, "seed": seed, "seconds": round(time.time() - t0, 1),
+            "evals": [_eval_row(e) for e in evals], "train_curve": curve}
+
+
+def _eval_row(e: dict) -> dict:
+    row = {"step": e["step"], "train_seconds": e["train_seconds"], "bpc": e["loss"] / LN2,
+           "bpc_reset": e["reset"]["loss"] / LN2, "gain_bpc": e["memory_gain_bpc"],
+           "by_segment": [x / LN2 for x in e["loss_by_segment"]],
+           "by_segment_reset": [x / LN2 for x in e["reset"]["loss_by_segment"]]}
+    if e.get("subset_bits") is not None:
+        row.update(recall_bits=e["subset_bits"], recall_bits_reset=e["reset"]["subset_bits"])
+    return row
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], memories: list[str]) -> dict:
+    """Per model, mean and sd over seeds at equal steps and at equal wall time."""
+    budget = min(statistics.median(r["evals"][-1]["train_seconds"] for r in runs
+                                   if r["memory"] == m) for m in memories)
+    out = {"time_budget_s": budget, "models": {}}
+    for m in memories:
+        mine = [r for r in runs if r["memory"] == m]
+        last = [r["evals"][-1] for r in mine]
+        timed = [max((e for e in r["evals"] if e["train_seconds"] <= budget * 1.02),
+                     key=lambda e: e["step"], default=r["evals"][0]) for r in mine]
+        row = {}
+        for tag, pick in (("steps", last), ("time", timed)):
+            for key in ("bpc", "bpc_reset", "gain_bpc", "recall_bits", "recall_bits_reset"):
+                if key in pick[0]:
+                    row[f"{key}@{tag}"] = mean_sd([e[key] for e in pick])
+            row[f"step@{tag}"] = mean_sd([e["step"] for e in pick])
+        row["seconds_per_step"] = mean_sd([e["train_seconds"] / e["step"] for e in last])
+        out["models"][m] = row
+    for tag in ("steps", "time"):
+        key = f"bpc@{tag}"
+        ranked = sorted(memories, key=lambda m: out["models"][m][key][0])
+        (b, bs), (c, cs) = out["models"][ranked[0]][key], out["models"][ranked[1]][key]
+        out[f"best@{tag}"] = {"memory": ranked[0], "runner_up": ranked[1],
+                              "margin_bpc": c - b, "beyond_noise": c - b > 2 * max(bs, cs)}
+    return out
+
+
+def report(s: dict, a) -> str:
+    lines = [f"corpus {a.corpus}: L={a.layers} d={a.d_model} N={a.seg_len} M={a.mem_len} "
+             f"B={a.batch} lr={a.lr} init_std={a.init_std}, {a.steps} steps, seeds {a.seeds}; "
+             "mean +- sd over seeds"]
+    recall = any("recall_bits@steps" in r for r in s["models"].values())
+    for tag, title in (("steps", f"equal steps ({a.steps})"),
+                       ("time", f"equal wall time ({s['time_budget_s']:.0f} s of training)")):
+        lines += ["", title + ":",
+                  f"{'memory':8} {'step':>6} {'valid bpc':>17} {'reset memory':>17} "
+                  f"{'memory gain':>17}" + (f" {'recall bits':>15} {'(reset)':>7}"
+                                            if recall else "")]
+        for m, r in s["models"].items():
+            cell = {k: "{:.4f} +- {:.4f}".format(*r[f"{k}@{tag}"])
+                    for k in ("bpc", "bpc_reset", "gain_bpc")}
+            line = (f"{m:8} {r[f'step@{tag}'][0]:6.0f} {cell['bpc']:>17} "
+                    f"{cell['bpc_reset']:>17} {cell['gain_bpc']:>17}")
+            if recall:
+                line += (" {:.3f} +- {:.3f}".format(*r[f"recall_bits@{tag}"]) +
+                         " {:7.3f}".format(r[f"recall_bits_reset@{tag}"][0]))
+            lines.append(line)
+        best = s[f"best@{tag}"]
+        lines.append(f"best: {best['memory']}, {best['margin_bpc']:.4f} bpc below "
+                     f"{best['runner_up']} ("
+                     + ("beyond noise: more than 2 sd" if best["beyond_noise"] else
+                        "within noise: less than 2 sd") + ")")
+    sps = ", ".join(f"{m} {r['seconds_per_step'][0] * 1000:.0f} ms"
+                    for m, r in s["models"].items())
+    lines += ["", f"training time per step: {sps}"]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], memories: list[str], a) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"quality_{a.corpus}_curves.png", f"quality_{a.corpus}_by_segment.png"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i, m in enumerate(memories):
+        mine = [r for r in runs if r["memory"] == m]
+        steps = [x for x, _ in mine[0]["train_curve"]]
+        ys = [statistics.fmean(r["train_curve"][j][1] for r in mine) for j in range(len(steps))]
+        ax1.plot(steps, ys, color=f"C{i}", label=m)
+        for r in mine:
+            ax2.plot([e["train_seconds"] for e in r["evals"]], [e["bpc"] for e in r["evals"]],
+                     color=f"C{i}", marker="o", ms=3, alpha=0.7, label=m if r is mine[0] else None)
+    ax1.set(xlabel="step", ylabel="train bpc (mean over seeds)", title=f"{a.corpus}: training")
+    ax2.set(xlabel="training seconds", ylabel="valid bpc (each seed)", title="valid by time")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(Path(a.plots) / names[0], dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, m in enumerate(memories):
+        mine = [r["evals"][-1] for r in runs if r["memory"] == m]
+        for key, style in (("by_segment", "-"), ("by_segment_reset", "--")):
+            n = min(len(e[key]) for e in mine)
+            ys = [statistics.fmean(e[key][j] for e in mine) for j in range(n)]
+            ax.plot(range(n), ys, style, color=f"C{i}", marker="o", ms=3,
+                    label=f"{m} ({'carried' if key == 'by_segment' else 'reset'})")
+    ax.set(xlabel="segment index in stream (0: no memory yet)", ylabel="valid bpc",
+           title=f"{a.corpus}: memory carried (solid) vs reset (dashed)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(Path(a.plots) / names[1], dpi=110)
+    plt.close("all")
+    return names
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.tiny:
-        a.steps, a.layers, a.d_model, a.heads = 6, 1, 32, 2
-        a.seg_len = a.mem_len = 16
-        a.batch, a.eval_segments = 2, 3
-        a.out = str(Path(a.out).with_name("quality-tiny"))
-    ensure_data(Path(a.data), a.tiny)
-    runs = [train_one(m, a) for m in a.memories.split(",")]
-    print(f"\n{'memory':8} {'valid bpc':>10} {'seg 0':>8} {'seg 1':>8} {'last seg':>9} "
-          f"{'minutes':>8}")
-    for r in runs:
-        seg = r["bpc_by_segment"]
-        print(f"{r['memory']:8} {r['valid_bpc']:10.4f} {seg[0]:8.4f} "
-              f"{seg[1] if len(seg) > 1 else float('nan'):8.4f} {seg[-1]:9.4f} "
-              f"{r['seconds'] / 60:8.1f}")
-    best = min(runs, key=lambda r: r["valid_bpc"])
-    print(f"best valid bpc: {best['memory']} ({best['valid_bpc']:.4f}) with {a.steps} steps, "
-          f"L={a.layers} d={a.d_model} N={a.seg_len} M={a.mem_len} B={a.batch}, seed {a.seed}")
+    ensure_data(a)
+    memories = a.memories.split(",")
+    runs = [train_one(m, int(s), a) for s in a.seeds.split(",") for m in memories]
+    s = summarize(runs, memories)
+    text = report(s, a)
+    print(text)
+    plots = plot(runs, memories, a)
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "config": vars(a)}, indent=2))
+        Path(a.json).write_text(json.dumps({"summary": s, "report": text, "plots": plots,
+                                            "runs": runs, "config": vars(a)}, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 # name -> (script, extra args, what it measures)
 SUITE: dict[str, tuple[str, list[str], str]] = {
     "model_step": ("model_step.py", [], "fwd+bwd+Adam step, lamemo vs xl vs none (CPU)"),
@@ -28,8 +29,26 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
     "train": ("train.py", [], "training tokens/s on 2 CPU processes (ZeRO-2)"),
     "pipeline": ("pipeline.py", [], "pipeline P=1 vs P=2 step time and bubble estimate"),
     "attention": ("attention.py", [], "fused attention kernels (GPU; tiny under the interpreter)"),
-    "quality": ("quality.py", [], "valid bpc of lamemo / xl / none at equal budget"),
+    "recall": ("recall.py", [], "recall recipe: bits per key symbol, memory carried vs reset"),
+    "quality": ("quality.py", [], "stdlib: lamemo / xl / none over seeds, equal steps and "
+                "equal time, memory gain"),
+    "quality_recall": ("quality.py", ["--corpus", "recall"], "recall corpus: lamemo / xl / "
+                       "none over seeds, equal steps and equal time, memory gain"),
 }
+
+
+PLACES: dict[str, str] = {}  # machine path -> how RESULTS.md names it (set by main)
+
+
+def portable(text: str) -> str:
+    """Paths of the machine that ran a benchmark, made relative to the repository (or named by
+    the variable or option that gave them), so RESULTS.md reads the same anywhere."""
+    ref = os.environ.get("LAMEMO_REFERENCE_DIR")
+    if ref:
+        text = text.replace(ref.rstrip("/"), "$LAMEMO_REFERENCE_DIR")
+    for path, name in PLACES.items():
+        text = text.replace(path, name)
+    return text.replace(str(REPO) + "/", "").replace(sys.executable, "python")
 
 
 def machine() -> dict:
@@ -63,18 +82,37 @@ def run_one(name: str, tiny: bool, out_dir: Path, timeout: int) -> dict:
     if not path.is_file():
         return {"name": name, "what": what, "status": "missing", "error": f"{script} not found"}
     out = out_dir / f"{name}.json"
+    if script == "quality.py":
+        extra = [*extra, "--plots", str(out_dir)]
     cmd = [sys.executable, str(path), *extra, "--json", str(out)] + (["--tiny"] if tiny else [])
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    row = {"name": name, "what": what, "command": " ".join(cmd[1:]),
-           "seconds": round(time.time() - t0, 1), "stdout": proc.stdout[-4000:]}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    row = {"name": name, "what": what, "command": portable(" ".join(cmd[1:])),
+           "seconds": round(time.time() - t0, 1), "stdout": portable(proc.stdout[-4000:])}
     if proc.returncode != 0:
-        row.update(status="failed", error=proc.stderr[-4000:])
+        row.update(status="failed", error=portable(proc.stderr[-4000:]))
     elif out.is_file():
-        row.update(status="ok", result=json.loads(out.read_text()))
+        result = json.loads(out.read_text())
+        # the printed figures and the commit travel with the result, so `--reuse` shows them
+        result.update(stdout=row["stdout"], commit=commit(), command=row["command"])
+        out.write_text(json.dumps(result, indent=2))
+        row.update(status="ok", result=result)
     else:
-        row.update(status="skipped", error=(proc.stdout + proc.stderr)[-2000:])
+        row.update(status="skipped", error=portable((proc.stdout + proc.stderr)[-2000:]))
     return row
+
+
+def reused_row(name: str, path: str) -> dict:
+    """A result taken from an earlier run's JSON: its figures, the command and commit that
+    made them (older files without them show their numbers as JSON)."""
+    result = json.loads(Path(path).read_text())
+    figures = result.get("stdout") or json.dumps(
+        {k: v for k, v in result.items() if k not in ("runs", "config")}, indent=1)[:3000]
+    made = result.get("command", SUITE[name][0])
+    return {"name": name, "what": SUITE[name][2], "status": "ok", "result": result,
+            "command": f"{made} (result reused from {portable(str(Path(path).resolve()))}, "
+                       f"made at commit {result.get('commit', 'unknown')})",
+            "stdout": portable(figures)}
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[str]:
@@ -95,17 +133,6 @@ def plot(rows: list[dict], out_dir: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out_dir / "model_step.png", dpi=120)
         made.append("model_step.png")
-    if "quality" in by and by["quality"]["result"].get("runs"):
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for run in by["quality"]["result"]["runs"]:
-            seg = run.get("bpc_by_segment") or []
-            ax.plot(range(len(seg)), seg, marker="o", label=run["memory"])
-        ax.set_xlabel("segment index in stream (0 = no memory)")
-        ax.set_ylabel("valid bpc")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "quality_by_segment.png", dpi=120)
-        made.append("quality_by_segment.png")
     plt.close("all")
     return made
 
@@ -119,25 +146,12 @@ def write_markdown(rows: list[dict], info: dict, sha: str, plots: list[str], pat
     for r in rows:
         lines += [f"## {r['name']}: {r['what']}", "", f"status: **{r['status']}**"]
         if "command" in r:
-            lines += ["", f"command: `python {r['command']}` ({r.get('seconds', '?')} s)"]
+            took = f" ({r['seconds']} s)" if "seconds" in r else ""
+            lines += ["", f"command: `python {r['command']}`{took}"]
         if r.get("stdout"):
             lines += ["", "```", r["stdout"].strip()[-3000:], "```"]
-        elif r["name"] == "quality" and r.get("result"):
-            lines += ["", "| memory | valid bpc | bpc segment 0 | segment 1 | last segment |",
-                      "|---|---|---|---|---|"]
-            for run in r["result"]["runs"]:
-                seg = run["bpc_by_segment"]
-                lines.append(f"| {run['memory']} | {run['valid_bpc']:.4f} | {seg[0]:.4f} | "
-                             f"{seg[min(1, len(seg) - 1)]:.4f} | {seg[-1]:.4f} |")
-            best = min(r["result"]["runs"], key=lambda x: x["valid_bpc"])
-            c = r["result"].get("config", {})
-            lines += ["", f"Result: **{best['memory']}** has the lowest valid bpc "
-                      f"({best['valid_bpc']:.4f}) after {c.get('steps', '?')} steps of "
-                      f"L={c.get('layers', '?')} d={c.get('d_model', '?')} "
-                      f"N={c.get('seg_len', '?')} M={c.get('mem_len', '?')} "
-                      f"B={c.get('batch', '?')}. At this small CPU budget the three are within "
-                      "a few hundredths of a bit: rerun with a GPU-sized budget "
-                      "(`bench/quality.py --help`) before drawing conclusions about memory."]
+        for p in (r.get("result") or {}).get("plots", []):
+            lines += ["", f"![{p}]({p})"]
         if r.get("error") and r["status"] != "ok":
             lines += ["", "```", r["error"].strip()[-1500:], "```"]
         lines.append("")
@@ -163,6 +177,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown benchmark {unknown[0]!r}; known: {', '.join(SUITE)}")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.resolve().is_relative_to(REPO):
+        PLACES[str(out_dir.resolve())] = "$OUT"
     info, sha = machine(), commit()
     reused = dict(item.split("=", 1) for item in a.reuse)
     rows = []
@@ -174,9 +190,7 @@ def main(argv=None) -> int:
                          "--tiny runs it on CPU through Triton's interpreter)"})
             continue
         if n in reused:
-            rows.append({"name": n, "what": SUITE[n][2], "status": "ok",
-                         "command": f"{SUITE[n][0]} (result reused from {reused[n]})",
-                         "result": json.loads(Path(reused[n]).read_text())})
+            rows.append(reused_row(n, reused[n]))
             continue
         rows.append(run_one(n, a.tiny, out_dir, a.timeout))
         print(rows[-1].get("stdout", "") or rows[-1].get("error", ""), flush=True)

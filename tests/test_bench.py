@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.integration
 def test_run_all_tiny_writes_results_and_markdown(tmp_path):
-    names = "model_step,loader,train,pipeline,quality"
+    names = "model_step,loader,train,pipeline,recall,quality,quality_recall"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny",
                           "--only", names, "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=900, cwd=REPO)
@@ -29,7 +29,24 @@ def test_run_all_tiny_writes_results_and_markdown(tmp_path):
     assert set(rows) == {"lamemo", "xl", "none"} and all(r["tokens_per_s"] > 0 for r in
                                                          rows.values())
     assert by["loader"]["result"]["loader_tokens_per_s"] > 0
-    assert len(by["quality"]["result"]["runs"]) == 3
+    for name in ("quality", "quality_recall"):
+        q = by[name]["result"]
+        assert len(q["runs"]) == 3 * 2  # memories x seeds
+        assert set(q["summary"]["models"]) == {"lamemo", "xl", "none"}
+        assert q["summary"]["models"]["none"]["gain_bpc@steps"][0] == 0.0
+        for png in q["plots"]:
+            assert (tmp_path / png).is_file()
+    assert "recall_bits@steps" in by["quality_recall"]["result"]["summary"]["models"]["xl"]
+    assert {r["memory"] for r in by["recall"]["result"]["runs"]} == {"xl", "lamemo", "none"}
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "model_step" in md and doc["commit"] in md
+    assert "model_step" in md and doc["commit"] in md and "memory gain" in md
+    assert str(REPO) not in md and str(tmp_path) not in md  # portable: no machine paths
     assert (tmp_path / "model_step.png").is_file()
+    # a reused result shows its figures and the commit that made them
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--only",
+                            "recall", "--reuse", f"recall={tmp_path / 'recall.json'}", "--out",
+                            str(tmp_path / "again")], capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    md = (tmp_path / "again" / "RESULTS.md").read_text()
+    assert "bits/key symbol" in md and f"made at commit {doc['commit']}" in md

@@ -20,6 +20,7 @@ with the model). The result names the protocol and every length it used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def protocol_settings(args, cfg, run_config) -> dict:
     """Segment/memory lengths, clamp and same_length for the chosen protocol."""
-    paper = {"segment_len": cfg.segment_len, "mem_len": cfg.mem_len,
+    mem_len = 0 if cfg.memory == "none" else cfg.mem_len  # none keeps no memory whatever it says
+    paper = {"segment_len": cfg.segment_len, "mem_len": mem_len,
              "clamp_len": cfg.clamp_len, "same_length": cfg.same_length}
     if args.protocol == "paper":
         return paper
@@ -189,7 +191,8 @@ def run(args) -> int:
     results = {}
     for mode in modes:
         if mode == "reset" and kind == "none" and "carried" in results:
-            results[mode] = results["carried"]  # identical by construction: no second pass
+            # identical by construction: no second pass
+            results[mode] = dataclasses.replace(results["carried"], memory="reset")
         else:
             results[mode] = _one_pass(args, model, s, mode, scorer, device)
     out = {"model": str(args.model), "data": str(args.data), "split": args.split,

@@ -73,7 +73,10 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"
     """'eager' (reference math), 'triton' (fused kernels) or 'auto' (triton on CUDA)."""
     init_std: float = 0.02
-    """Std of the normal init of weights (reference: 0.02)."""
+    """Std of the normal init of weights (reference: 0.02, for its d_model 410-512 models).
+    Small models learn attention far faster with about 1/sqrt(d_model): at d_model 64-128 the
+    reference's 0.02 leaves copying from context unlearned for thousands of steps (see
+    configs/recall.yaml and bench/RESULTS.md)."""
     proj_init_std: float = 0.01
     """Std of the normal init of adaptive projections (reference: 0.01)."""
 

@@ -101,7 +101,8 @@ class Metrics:
               f"{s['perf/tflops']:.3g} TFLOP/s | wait {100 * s['perf/data_wait_frac']:.1f}% | "
               f"skipped {int(s['train/skipped_steps'])}", flush=True)
 
-    def eval(self, step: int, split: str, result, reset=None) -> None:
+    def eval(self, step: int, split: str, result, reset=None,
+             train_seconds: float | None = None) -> None:
         """Log an evaluation; `reset` (the same split with memory reset before every segment)
         adds the memory gain (eval/<split>_memory_gain_bpc) and, on a recall corpus, the bits
         per key symbol of both passes."""
@@ -111,6 +112,8 @@ class Metrics:
 
         score = self.score(result.loss)
         record = dict(result.as_dict(), split=split)
+        if train_seconds is not None:
+            record["train_seconds"] = round(train_seconds, 3)
         scalars = {f"eval/{split}_loss": result.loss, f"eval/{split}_{self.unit}": score,
                    f"eval/{split}_recall_bits": result.subset_bits}
         if reset is not None:

@@ -129,7 +129,8 @@ class PipelineTrainer(Trainer):
                 "pipeline_stages": self.plan.pp_size, "rows_per_rank": self.plan.rows_per_rank,
                 "memory": self.pipe.memory_state_dict(), "loader": self.loader.state_dict(),
                 "rng": rng_state(), "counters": {"skipped_total": self.skipped_total,
-                                                 "consecutive_skips": self.consecutive_skips}}
+                                                 "consecutive_skips": self.consecutive_skips,
+                                                 "train_seconds": self.train_seconds}}
 
     def _layout(self) -> dict:
         return {"world_size": self.comm.world_size, "pipeline_stages": self.plan.pp_size,
@@ -163,6 +164,7 @@ class PipelineTrainer(Trainer):
         self.step = found.step
         self.skipped_total = st["counters"]["skipped_total"]
         self.consecutive_skips = st["counters"]["consecutive_skips"]
+        self.train_seconds = st["counters"].get("train_seconds", 0.0)
         self.log(f"resumed from {found.path} at step {self.step}")
         return True
 

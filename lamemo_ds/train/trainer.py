@@ -8,6 +8,7 @@ any rank makes every rank skip the step alike (the reduced gradients are non-fin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -94,6 +95,7 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
+        self.train_seconds = 0.0  # wall time spent in training steps (evaluations excluded)
         seed_all(cfg.train.seed)  # identical initial parameters on every rank
         self._build_engine()
         seed_all(cfg.train.seed + 7919 * (self.rank + 1))  # dropout differs between ranks
@@ -209,7 +211,8 @@ class Trainer:
                 "rows_per_rank": self.plan.rows_per_rank, "bank": self.bank.state_dict(),
                 "loader": self.loader.state_dict(), "rng": rng_state(),
                 "counters": {"skipped_total": self.skipped_total,
-                             "consecutive_skips": self.consecutive_skips}}
+                             "consecutive_skips": self.consecutive_skips,
+                             "train_seconds": self.train_seconds}}
 
     def _layout(self) -> dict:
         """How this run is laid out (saved in the checkpoint meta; compared on resume)."""
@@ -256,6 +259,7 @@ class Trainer:
         self.step = found.step
         self.skipped_total = st["counters"]["skipped_total"]
         self.consecutive_skips = st["counters"]["consecutive_skips"]
+        self.train_seconds = st["counters"].get("train_seconds", 0.0)
         self.log(f"resumed from {found.path} at step {self.step}")
         return True
 
@@ -280,7 +284,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         meter, alpha_acc, last_saved = Throughput(), [], -1
         while self.step < t.max_steps:
+            t0 = time.perf_counter()
             r = self.train_step(flag.is_set)
+            self.train_seconds += time.perf_counter() - t0
             self.step += 1
             meter.steps += 1
             meter.wait += r.wait_s
@@ -343,14 +349,16 @@ class Trainer:
             if memory == "reset" and not self.cfg.eval.memory_gain:
                 break
             if memory == "reset" and self.cfg.model.memory == "none":
-                results[memory] = results["carried"]  # the same by construction
+                # the same by construction
+                results[memory] = dataclasses.replace(results["carried"], memory="reset")
                 break
             results[memory] = self.evaluate(split, max_segments=max_segments, memory=memory,
                                             stop=lambda: self.comm.any(flag.is_set))
             if results[memory].interrupted:
                 self.log(f"evaluation of {split} interrupted by a stop signal")
                 return True
-        self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"))
+        self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"),
+                          train_seconds=self.train_seconds)
         return False
 
     def _preempted(self) -> int:

@@ -1,0 +1,117 @@
+"""`lamemo prepare --corpus recall`: seeded, every key recalled exactly `gap` tokens after its
+first copy, the knobs that cannot work refused before anything is written, and the scorer marks
+exactly the recall key symbols."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from lamemo_ds.data.corpora import CorpusError
+from lamemo_ds.data.manifest import load_manifest, open_tokens
+from lamemo_ds.data.recall import RECALL, RecallScorer, RecallSpec, recall_scorer, target_mask
+from lamemo_ds.data.streams import OrderedStreams
+
+pytestmark = pytest.mark.unit
+EPISODE = re.compile(r"#(\w+)\n(\.*)\?(\w+)\n")
+
+
+def prepare(lamemo, out, *extra: str):
+    return lamemo("prepare", "--corpus", "recall", "--out", str(out), "--quiet",
+                  "--split-sizes", "20000,4000,4000", *extra)
+
+
+def text_of(folder, split: str) -> str:
+    toks = np.asarray(open_tokens(folder, split))
+    return bytes(toks[toks < 256].astype(np.uint8)).decode()
+
+
+def test_keys_are_recalled_gap_tokens_later_and_seeded(tmp_path, lamemo):
+    r = prepare(lamemo, tmp_path / "a", "--recall-gap", "20-30", "--recall-key-len", "4",
+                "--recall-alphabet", "wxyz")
+    assert r.returncode == 0, r.stderr
+    text = text_of(tmp_path / "a", "train")
+    episodes = EPISODE.findall(text)
+    assert len(episodes) > 100
+    gaps = set()
+    for key, filler, again in episodes:
+        assert key == again and len(key) == 4 and set(key) <= set("wxyz")
+        gaps.add(len(key) + 2 + len(filler))  # distance between a symbol's two copies
+    assert min(gaps) >= 20 and max(gaps) <= 30 and len(gaps) > 5
+    m = load_manifest(tmp_path / "a")
+    assert m["recall"]["gap_min"] == 20 and m["recall"]["alphabet"] == "wxyz"
+    # the same options write the same tokens; another seed or split other keys
+    assert prepare(lamemo, tmp_path / "b", "--recall-gap", "20-30", "--recall-key-len", "4",
+                   "--recall-alphabet", "wxyz").returncode == 0
+    assert text_of(tmp_path / "b", "train") == text
+    assert prepare(lamemo, tmp_path / "c", "--recall-gap", "20-30", "--recall-key-len", "4",
+                   "--recall-alphabet", "wxyz", "--recall-seed", "5").returncode == 0
+    assert text_of(tmp_path / "c", "train") != text
+    assert EPISODE.findall(text_of(tmp_path / "a", "valid"))[:5] != episodes[:5]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--recall-gap", "0"), "--recall-gap 0"),
+    (("--recall-gap", "7"), "gap >= 8"),
+    (("--recall-gap", "40-30"), "range is empty"),
+    (("--recall-gap", "many"), "--recall-gap 'many'"),
+    (("--recall-alphabet", ""), "at least 2 distinct"),
+    (("--recall-alphabet", "aab"), "repeats a symbol"),
+    (("--recall-alphabet", "ab?"), "markers"),
+    (("--recall-alphabet", "ab."), "'.'"),
+    (("--recall-filler", ""), "--recall-filler is empty"),
+    (("--recall-alphabet", "αβγ"), "ASCII"),
+    (("--recall-key-len", "0"), "--recall-key-len 0"),
+    (("--recall-episodes", "0"), "--recall-episodes 0"),
+    (("--recall-spacing", "-1"), "--recall-spacing -1"),
+    (("--tokenizer", "word"), "one token per character"),
+])
+def test_knobs_that_cannot_work_are_refused_before_writing(tmp_path, lamemo, flags, says):
+    r = prepare(lamemo, tmp_path / "out", *flags)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_char_tokenizer_allows_other_alphabets(tmp_path, lamemo):
+    r = prepare(lamemo, tmp_path / "c", "--tokenizer", "char", "--recall-alphabet", "αβγδ",
+                "--recall-gap", "12")
+    assert r.returncode == 0, r.stderr
+    scorer = RecallScorer(str(tmp_path / "c"), "valid")
+    assert scorer.mask.sum() > 0 and scorer.spec.bits_per_symbol == pytest.approx(2.0)
+
+
+def test_target_mask_marks_the_key_after_each_recall_marker():
+    toks = np.array([9, 1, 2, 7, 5, 5, 7, 3])  # 7 = the recall marker
+    assert target_mask(toks, 7, 2).tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
+    assert not target_mask(toks, 8, 2).any()
+
+
+def test_scorer_selects_recall_targets_of_stream_batches(tmp_path, lamemo):
+    assert prepare(lamemo, tmp_path / "r", "--recall-gap", "16").returncode == 0
+    scorer = recall_scorer(str(tmp_path / "r"), "valid")
+    marker = ord(RECALL)
+    spec = RecallSpec(gap_min=16, gap_max=16)
+    loader = OrderedStreams(str(tmp_path / "r"), "valid", seg_len=8, rows=3, loop=False)
+    seen = 0
+    for b in loader:
+        mask = scorer(b)
+        assert mask.shape == b.target.shape
+        # a target is a key symbol iff a recall marker stands 1..key_len inputs before it
+        seq = np.concatenate([b.input.numpy(), b.target[:, -1:].numpy()], 1)
+        for r in range(3):
+            for j in range(8):
+                back = [seq[r, j + 1 - k] for k in range(1, spec.key_len + 1) if j + 1 - k >= 0]
+                if len(back) == spec.key_len:
+                    assert bool(mask[r, j]) == (marker in back), (r, j)
+        seen += int(mask.sum())
+    loader.close()
+    assert seen > 0
+    assert recall_scorer(str(tmp_path / "r"), "valid") is not None
+
+
+def test_other_corpora_have_no_scorer(corpus):
+    assert recall_scorer(str(corpus), "valid") is None
+    with pytest.raises(CorpusError, match="not prepared with --corpus recall"):
+        RecallScorer(str(corpus), "valid")
