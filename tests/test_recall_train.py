@@ -49,6 +49,21 @@ def recall_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, recall_data):
+    """(memory, layout) -> (run folder, each rank's output), each trained once per module."""
+    done: dict = {}
+
+    def get(memory: str, layout: str):
+        if (memory, layout) not in done:
+            extra = ("--nan-at", "100", "--fault-rank", "1") if layout == "dp2" else ()
+            done[memory, layout] = train(tmp_path_factory.mktemp(f"{memory}-{layout}"),
+                                         recall_data, memory, layout, *extra)
+        return done[memory, layout]
+
+    return get
+
+
 def train(tmp_path, data, memory: str, layout: str, *extra: str):
     nproc, sections = LAYOUTS[layout]
     sections = {k: dict(v) for k, v in sections.items()}
@@ -77,10 +92,9 @@ def recall_bits(lamemo, model, data, *flags: str) -> dict:
     ("lamemo", "dp2"), ("xl", "dp2"),
     ("lamemo", "pp2"), ("xl", "pp2"),
 ])
-def test_training_carries_memory_so_keys_are_recalled(tmp_path, recall_data, lamemo, memory,
+def test_training_carries_memory_so_keys_are_recalled(trained, recall_data, lamemo, memory,
                                                       layout):
-    extra = ("--nan-at", "100", "--fault-rank", "1") if layout == "dp2" else ()
-    run, results = train(tmp_path, recall_data, memory, layout, *extra)
+    run, results = trained(memory, layout)
     bits = recall_bits(lamemo, run, recall_data)
     assert bits["carried"] < 0.4 * CHANCE, bits
     assert bits["reset"] > 0.85 * CHANCE, bits
@@ -89,13 +103,14 @@ def test_training_carries_memory_so_keys_are_recalled(tmp_path, recall_data, lam
              .splitlines() if '"eval"' in line]
     assert evals[-1]["memory_gain_bpc"] > 0.1 and evals[-1]["reset"]["memory"] == "reset"
     if layout != "pp2":  # the pipeline's last stage reports a mean loss per micro-batch only
-        assert evals[-1]["subset_bits"] < 0.4 * CHANCE
+        # (a short valid pass: the keys of each stream's first segments have no memory yet)
+        assert evals[-1]["subset_bits"] < evals[-1]["reset"]["subset_bits"] - 1.0
     if layout == "dp2":
         assert "step 101: skipped" in results[0].stdout
 
 
-def test_exported_model_recalls_in_every_format(tmp_path, recall_data, lamemo):
-    run, _ = train(tmp_path, recall_data, "lamemo", "single", "--set", "train.max_steps=500")
+def test_exported_model_recalls_in_every_format(trained, tmp_path, recall_data, lamemo):
+    run, _ = trained("lamemo", "single")
     ds = recall_bits(lamemo, run, recall_data, "--memory", "reset")
     assert set(ds) == {"reset", "gain_bpc"} and ds["reset"] > 0.85 * CHANCE
     for fmt in ("consolidated", "hf"):

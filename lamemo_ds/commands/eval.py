@@ -20,6 +20,7 @@ with the model). The result names the protocol and every length it used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -98,7 +99,9 @@ def load_model(path: str, fmt: str):
     if fmt == "auto":
         fmt = "consolidated" if (folder / "config.json").is_file() else "deepspeed"
     if fmt == "deepspeed":
-        loaded = read_source("deepspeed", folder, quiet=True)
+        # DeepSpeed's consolidation prints progress on stdout, which holds only the JSON result
+        with contextlib.redirect_stdout(sys.stderr):
+            loaded = read_source("deepspeed", folder, quiet=True)
         return loaded.model.float().eval(), loaded.run_config
     from ..checkpoint.safetensors_io import load_model_folder
 
