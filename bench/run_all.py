@@ -143,6 +143,9 @@ def write_markdown(rows: list[dict], info: dict, sha: str, plots: list[str], pat
              f"{info.get('gpu') or info['cpu']} ({info['cores']} cores), torch {info['torch']}.",
              "Numbers only: no test asserts a timing. Each section names the command that made "
              "it.", ""]
+    findings = HERE / "FINDINGS.md"  # what the numbers mean, written by whoever ran the study
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
     for r in rows:
         lines += [f"## {r['name']}: {r['what']}", "", f"status: **{r['status']}**"]
         if "command" in r:

@@ -25,7 +25,7 @@ import yaml
 DEMO_CONFIG: dict = {
     "model": {"vocab_size": 257, "n_layer": 4, "n_head": 4, "d_model": 128, "d_head": 32,
               "d_inner": 512, "dropout": 0.0, "memory": "lamemo", "segment_len": 64,
-              "mem_len": 64},
+              "mem_len": 64, "init_std": 0.088},
     "data": {"path": "demo/data"},
     "optim": {"lr": 0.002, "schedule": "cosine", "warmup_steps": 20},
     "train": {"micro_batch_size": 8, "grad_accum": 1, "max_steps": 200, "log_interval": 25,
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train loss   : {s['first_loss']:.3f} -> {s['last_loss']:.3f} (nats/byte)")
     if ev:
         print(f"valid        : {ev['bpc']:.3f} bpc over {ev['tokens']:,} bytes")
-    print(f"test (export): {test['bpc']:.3f} bpc over {test['tokens']:,} bytes")
+    print(f"test (export): {test['bpc']:.3f} bpc over {test['tokens']:,} bytes; memory gain "
+          f"{test['memory_gain_bpc']:+.3f} bpc (memory reset before every segment: "
+          f"{test['reset']['bpc']:.3f})")
     print(f"sample       : {exported['sample']!r}")
     print(f"checkpoint   : {run / 'checkpoints' / latest}")
     print(f"HF export    : {exported['hf']} (transformers.AutoModelForCausalLM.from_pretrained("
