@@ -16,8 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "parameters, FLOPs per token and memory-state size of a config"),
     "plan": ("lamemo_ds.commands.plan",
              "estimate memory, step time and communication of a cluster layout"),
-    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
-    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
+    "prepare": ("lamemo_ds.commands.prepare",
+                "tokenize a corpus into document-ordered webdataset shards"),
+    "train": ("lamemo_ds.commands.train",
+              "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "convert": ("lamemo_ds.commands.convert", "convert checkpoints (deepspeed, consolidated, hf, "
                 "reference)"),
     "eval": ("lamemo_ds.commands.eval", "perplexity / bits per character of an exported model"),

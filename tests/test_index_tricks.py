@@ -1,4 +1,4 @@
-"""Every index trick of lamemo_ds/model/attention.py against a slow loop that is obviously right.
+"""Every index trick of lamemo_ds/ops/attention.py against a slow loop that is obviously right.
 
 Buffer convention (attention.py): memory buffer positions 0..M-1 with the `valid` real rows
 right-aligned (position j is real iff j >= M - valid), current token t at position M + t. The
@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamemo_ds.model.attention import (
+from lamemo_ds.model.positional import lookahead_distances
+from lamemo_ds.ops.attention import (
     causal_mask,
     lookahead_index,
     lookahead_mask,
     lookahead_window,
     rel_shift,
 )
-from lamemo_ds.model.positional import lookahead_distances
 
 pytestmark = pytest.mark.unit
 

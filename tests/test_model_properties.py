@@ -226,12 +226,12 @@ def test_attention_backward_matches_finite_differences(variant):
     """The eager attention's hand-written softmax/logsumexp backward (both outputs carry
     gradient: o feeds W_o, lse feeds the merge weight alpha), against numerical derivatives;
     one stream has a partly filled memory so masked keys are exercised."""
-    from lamemo_ds.model.attention import (
+    from lamemo_ds.model.positional import lookahead_distances
+    from lamemo_ds.ops.attention import (
         causal_rel_attention,
         lookahead_attention,
         lookahead_window,
     )
-    from lamemo_ds.model.positional import lookahead_distances
 
     g = torch.Generator().manual_seed(11)
     b, h, m, n, d = 2, 2, 3, 2, 2

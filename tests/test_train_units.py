@@ -13,12 +13,12 @@ import torch
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
 from lamemo_ds.config.schema import OptimConfig
+from lamemo_ds.model.bank import StateBank
 from lamemo_ds.model.memory import empty_state
 from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_job_id, slurm_port
 from lamemo_ds.parallel.engine import build_optimizer
-from lamemo_ds.train.schedule import lr_at
+from lamemo_ds.parallel.schedule import lr_at
 from lamemo_ds.train.signals import StopFlag
-from lamemo_ds.train.state import StateBank
 
 pytestmark = pytest.mark.unit
 

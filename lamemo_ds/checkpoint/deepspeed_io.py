@@ -182,8 +182,8 @@ def _run_config(step: Path, given: RunConfig | None) -> RunConfig:
 
 def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bool = False):
     """A DeepSpeed checkpoint -> convert.Loaded with the fp32 model and the training config."""
+    from ..conversion.convert import Loaded
     from ..model import LaMemoLM
-    from .convert import Loaded
     from .safetensors_io import tied_aliases
 
     step = resolve_step_dir(path)

@@ -14,8 +14,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..checkpoint.convert import FORMATS_IN, FORMATS_OUT
     from ..cli import add_config_arguments
+    from ..conversion.convert import FORMATS_IN, FORMATS_OUT
 
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,
                    help="format of the input")
@@ -53,8 +53,8 @@ def _configs(args):
 
 
 def run(args) -> int:
-    from ..checkpoint.convert import read_source, write_target
     from ..checkpoint.safetensors_io import CheckpointError, check_output, parse_dtype, parse_size
+    from ..conversion.convert import read_source, write_target
 
     try:
         check_output(args.output, force=args.force)

@@ -89,8 +89,8 @@ def load_model(path: str, fmt: str):
     """(LaMemoLM in eval mode, training RunConfig or None) from any format eval accepts."""
     import torch
 
-    from ..checkpoint.convert import RUN_CONFIG_NAME, read_source
     from ..config.load import load_config
+    from ..conversion.convert import RUN_CONFIG_NAME, read_source
 
     folder = Path(path)
     if fmt == "auto":
@@ -168,8 +168,8 @@ def _report(split: str, out: dict, s: dict, protocol: str) -> None:
 def run(args) -> int:
     import torch
 
-    from ..checkpoint.convert import record_eval
     from ..checkpoint.safetensors_io import CheckpointError
+    from ..conversion.convert import record_eval
     from ..data.recall import recall_scorer
 
     if args.record and not (Path(args.model) / "config.json").is_file():

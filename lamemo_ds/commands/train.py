@@ -41,7 +41,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     from ..config.deepspeed import deepspeed_config
     from ..config.derive import World, resolve
     from ..parallel import dist
-    from .signals import EXIT_NONFINITE
+    from ..train.signals import EXIT_NONFINITE
 
     denv = dist.discover()
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
@@ -52,7 +52,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     dist.init_distributed(denv, backend=plan.backend)
     device = dist.device_for(denv)
     comm = dist.Comm(device if plan.backend == "nccl" else None)
-    from .trainer import NonFiniteAbort, Trainer
+    from ..train.trainer import NonFiniteAbort, Trainer
 
     if comm.rank == 0:
         out = Path(cfg.train.output_dir)
@@ -62,7 +62,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
               f"output {out}", flush=True)
     require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder
     if plan.pp_size > 1:  # pipeline parallelism: stage-local memory (train/pipeline.py)
-        from .pipeline import PipelineTrainer as Trainer
+        from ..train.pipeline import PipelineTrainer as Trainer
     trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
                       slurm_job_id=dist.slurm_job_id())
     try:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import safetensors_io as sio
+from ..checkpoint.safetensors_io import CheckpointError
 from ..config.load import dump_config, to_dict
 from ..config.schema import ConfigError, ModelConfig, RunConfig
-from . import safetensors_io as sio
-from .safetensors_io import CheckpointError
 
 FORMATS_IN = ("deepspeed", "consolidated", "hf", "reference")
 FORMATS_OUT = ("consolidated", "hf", "deepspeed", "reference")
@@ -74,7 +74,7 @@ def read_folder(path: Path) -> Loaded:
 
 def read_reference(path: Path, model_config: ModelConfig | None) -> Loaded:
     """`reference.pt` (a file, or a folder holding it and our config.json)."""
-    from .reference import from_reference
+    from ..checkpoint.reference import from_reference
 
     file = path / REFERENCE_NAME if path.is_dir() else path
     if not file.is_file():
@@ -110,7 +110,7 @@ def read_source(kind: str, path: str | Path, *, model_config: ModelConfig | None
     elif kind == "reference":
         loaded = read_reference(path, model_config)
     elif kind == "deepspeed":
-        from .deepspeed_io import read_deepspeed
+        from ..checkpoint.deepspeed_io import read_deepspeed
 
         loaded = read_deepspeed(path, run_config=run_config, quiet=quiet)
     else:
@@ -178,7 +178,7 @@ def write_consolidated(loaded: Loaded, out: Path, *, dtype: torch.dtype,
 
 
 def write_reference(loaded: Loaded, out: Path, *, dtype: torch.dtype) -> list[str]:
-    from .reference import to_reference
+    from ..checkpoint.reference import to_reference
 
     sd = {k: v.to(dtype) if v.is_floating_point() else v
           for k, v in to_reference(loaded.model).items()}
@@ -191,7 +191,7 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
                  max_shard_bytes: int = 0, force: bool = False, quiet: bool = False,
                  deepspeed_options: dict | None = None) -> list[str]:
     """Write `loaded` as format `kind` into folder `out` (atomically); returns the files."""
-    from .hf_export import export_hf
+    from .hf import export_hf
 
     if kind not in FORMATS_OUT:
         raise ConfigError(f"--to {kind!r}: choose one of {', '.join(FORMATS_OUT)}")
@@ -205,7 +205,7 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
         elif kind == "reference":
             files = write_reference(loaded, tmp, dtype=dtype)
         else:
-            from .deepspeed_write import write_deepspeed
+            from .deepspeed import write_deepspeed
 
             files = write_deepspeed(loaded, tmp, final=out, quiet=quiet,
                                     **(deepspeed_options or {}))

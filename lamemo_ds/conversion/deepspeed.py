@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.safetensors_io import CheckpointError
 from ..config.load import dump_config, load_config, to_dict
 from ..config.schema import RunConfig
-from .safetensors_io import CheckpointError
 
 SOURCE = ".source"
 
@@ -49,7 +49,7 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
     write_consolidated(loaded, tmp / SOURCE, dtype=torch.float32, max_shard_bytes=0)
     (tmp / "config.yaml").write_text(dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", "-m", "lamemo_ds.checkpoint.deepspeed_write",
+           f"--nproc_per_node={world}", "-m", "lamemo_ds.conversion.deepspeed",
            str(tmp), str(step)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not quiet:
@@ -67,14 +67,14 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
 
 def _rank_main(out: Path, step: int) -> None:
     """One writer rank (run under torch.distributed.run)."""
+    from ..checkpoint.manager import CheckpointManager
+    from ..checkpoint.safetensors_io import load_model_folder
     from ..config.derive import World, resolve
     from ..data.streams import OrderedStreams
+    from ..model.bank import StateBank
     from ..parallel import dist
     from ..parallel.engine import build_engine
-    from ..train.state import StateBank
     from ..train.trainer import rng_state, seed_all
-    from .manager import CheckpointManager
-    from .safetensors_io import load_model_folder
 
     cfg = load_config(out / "config.yaml")
     denv = dist.discover()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import CONFIG_NAME, save_weights, unique_state_dict
+from ..checkpoint.safetensors_io import CONFIG_NAME, save_weights, unique_state_dict
 
 MODELING_NAME = "modeling_lamemo.py"
 CONFIGURATION_NAME = "configuration_lamemo.py"
@@ -27,7 +27,7 @@ PREFIX = "lamemo."
 MODEL_SOURCES = [
     ("config", "schema.py"),
     ("model", "positional.py"),
-    ("model", "attention.py"),
+    ("ops", "attention.py"),
     ("model", "dropout.py"),
     ("model", "linear.py"),
     ("model", "memory.py"),

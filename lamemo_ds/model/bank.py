@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.memory import MemoryState
+from .memory import MemoryState
 
 
 class StateBank:

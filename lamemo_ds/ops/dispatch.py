@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..model import attention as eager
+from . import attention as eager
 
 _warned: set[str] = set()
 

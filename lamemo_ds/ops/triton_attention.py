@@ -1,6 +1,6 @@
 """Fused Triton attention for LaMemo's two branches, with the eager functions' exact contract.
 
-Both public functions take and return what their namesakes in lamemo_ds/model/attention.py do
+Both public functions take and return what their namesakes in lamemo_ds/ops/attention.py do
 (q/k/v [B,H,T,D], r [X,H,D], u/vb [H,D], valid [B] int64) and are differentiable in q, k, v, r,
 u and vb, including through the returned logsumexp (the look-ahead merge uses it). The kernels
 (_rel_kernels.py) never write an [N, M+N] matrix: memory is O(B·H·T·D) in both directions.

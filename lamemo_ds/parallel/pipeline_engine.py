@@ -20,9 +20,9 @@ from ..config.deepspeed import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import RunConfig
 from ..model import LaMemoLM
-from ..train.schedule import build_scheduler
 from .engine import EngineBundle, build_optimizer
 from .pipeline import LaMemoPipe, Window
+from .schedule import build_scheduler
 
 LAYER_MAP = "layer_map.json"
 

@@ -24,11 +24,11 @@ from ..data.recall import recall_scorer
 from ..data.streams import OrderedStreams
 from ..evaluation import EvalResult, evaluate
 from ..model import LaMemoLM
+from ..model.bank import StateBank
 from ..model.flops import segment_flops
 from ..parallel.engine import build_engine
 from .metrics import Metrics, Throughput, peak_tflops
 from .signals import EXIT_OK, EXIT_PREEMPTED, StopFlag, requeue_slurm
-from .state import StateBank
 
 
 class NonFiniteAbort(RuntimeError):
