@@ -43,13 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--config FILE and repeated --set key=value (shared by every config-taking command)."""
-    p.add_argument("--config", required=required, help="YAML run config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
     from ..conversion.convert import FORMATS_IN, FORMATS_OUT
 
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,

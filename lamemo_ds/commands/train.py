@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
 
     add_config_arguments(p, required=True)
     p.add_argument("--no-resume", action="store_true",
