@@ -102,7 +102,7 @@ def test_nan_loss_on_the_last_stage_skips_the_step_everywhere(data, tmp_path):
     for rank in (0, 1):
         st = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3,
                                comm=Comm()).load_rank_state(found, rank)
-        assert st["counters"]["skipped_total"] == 1
+        assert st["progress"]["skipped_total"] == 1
         slots = [slot for layer in st["memory"].values() for slot in layer.values()]
         assert slots and all(torch.isfinite(t.float()).all() for s in slots for t in s.values())
 

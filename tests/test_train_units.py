@@ -13,12 +13,13 @@ import torch
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
 from lamemo_ds.config.schema import OptimConfig
-from lamemo_ds.model.bank import StateBank
-from lamemo_ds.model.memory import empty_state
+from lamemo_ds.model.bank import MemoryBank
+from lamemo_ds.model.memory import MemoryState, empty_state
 from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_job_id, slurm_port
 from lamemo_ds.parallel.engine import build_optimizer
 from lamemo_ds.parallel.schedule import lr_at
 from lamemo_ds.train.signals import StopFlag
+from lamemo_ds.train.state import Progress
 
 pytestmark = pytest.mark.unit
 
@@ -58,23 +59,34 @@ def test_cosine_schedule_reference():
     assert [lr_at(warm, step=s, total=8) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
 
 
-def _bank() -> StateBank:
-    return StateBank(2, lambda: empty_state("lamemo", batch_size=3, mem_len=4, n_layer=2,
-                                            d_model=8, n_head=2, d_head=4, dtype=torch.float32))
+def _state(fill: float, valid: list[int]) -> MemoryState:
+    s = empty_state("lamemo", batch_size=3, mem_len=4, n_layer=2, d_model=8, n_head=2, d_head=4,
+                    dtype=torch.float32)
+    return type(s)(valid=torch.tensor(valid), mem_len=4, emb=s.emb + fill, ctx=s.ctx, lse=s.lse)
 
 
-def test_state_bank_roundtrip_and_reset():
-    bank = _bank()
-    new = [type(s)(valid=torch.tensor([4, 2, 1]), mem_len=4, emb=s.emb + i, ctx=s.ctx,
-                   lse=s.lse) for i, s in enumerate(bank.states)]
-    bank.commit(new)
-    other = _bank()
+def test_memory_bank_commits_only_applied_steps_and_roundtrips():
+    bank = MemoryBank()
+    assert bank.get(0) is None
+    bank.put(0, _state(1.0, [4, 2, 1]))
+    bank.put(1, _state(2.0, [4, 4, 4]))
+    assert bank.get(0) is None  # pending until the step is settled
+    bank.settle(applied=False)  # a skipped step leaves the memory as it was
+    assert bank.get(0) is None and not bank.pending
+    bank.put(0, _state(1.0, [4, 2, 1]))
+    bank.put(1, _state(2.0, [4, 4, 4]))
+    bank.settle(applied=True)
+    bank.put(0, _state(9.0, [0, 0, 0]), training=False)  # evaluation: its own bank, at once
+    assert bank.get(0, training=False).emb.max() == 9.0 and bank.get(0).emb.max() == 1.0
+    other = MemoryBank()
     other.load_state_dict(bank.state_dict())
-    assert torch.equal(other.states[1].emb, bank.states[1].emb)
-    got = other.get(0, torch.tensor([True, False, False]))
-    assert got.valid.tolist() == [0, 2, 1]
-    with pytest.raises(ValueError, match="expected 2 slot states, got 3"):
-        other.commit(new + new[:1])
+    assert sorted(other.banks["train"]) == [0, 1] and other.get(1).mem_len == 4
+    assert torch.equal(other.get(1).emb, bank.get(1).emb)
+    assert other.get(0).reset(torch.tensor([True, False, False])).valid.tolist() == [0, 2, 1]
+    other.reset("train")
+    assert other.get(0) is None
+    with pytest.raises(ValueError, match="mode 'test'"):
+        other.reset("test")
 
 
 def test_stop_flag_only_records():
@@ -109,8 +121,8 @@ def _save(mgr: CheckpointManager, step: int, payload: bytes = b"weights") -> Non
         with open(f"{folder}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
             f.write(payload + str(step).encode())
 
-    mgr.save(step, save_deepspeed=ds, rank_state={"step": step}, config_text="model: {}\n",
-             meta={"world_size": 1})
+    mgr.save(step, save_weights=ds, state={"progress": Progress(step=step)},
+             config_text="model: {}\n", meta={"world_size": 1})
 
 
 @pytest.mark.parametrize("phase", ["begin", "deepspeed", "rank_state", "manifest"])

@@ -30,7 +30,8 @@ def run(args) -> int:
 def train(config: str | None, overrides: list[str], hooks=None) -> int:
     """Load and check the config, start the process group, train; returns the exit code.
 
-    `hooks` (train.trainer.Hooks) is the fault-injection point of the tests.
+    `hooks` (train.trainer.Hooks) is the fault-injection point of the tests. The trainer picks
+    its parallel strategy (data or pipeline parallel) from the plan.
     """
     from ..config.load import dump_config, load_config
     from ..fileio import require_shared_folder
@@ -61,8 +62,6 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
     require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder
-    if plan.pp_size > 1:  # pipeline parallelism: stage-local memory (train/pipeline.py)
-        from ..train.pipeline import PipelineTrainer as Trainer
     trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
                       slurm_job_id=dist.slurm_job_id())
     try:

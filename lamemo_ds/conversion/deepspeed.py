@@ -2,10 +2,11 @@
 size), to resume or fine-tune on another cluster shape.
 
 The checkpoint must be the one the trainer itself would write, so it is written by the trainer's
-own parts: `world_size` gloo processes (torch.distributed.run) each build the engine of the new
-layout around the loaded weights (before deepspeed.initialize, so the fp32 masters and ZeRO
-partitions start from them), a fresh memory bank and stream loader, and save through
-CheckpointManager (manifest, `latest`). Optimizer moments start at zero.
+own builders (train/trainer.py): `world_size` processes (torch.distributed.run) each build the
+parallel strategy of the new layout (data or pipeline parallel) around the loaded weights
+(before deepspeed.initialize, so the fp32 masters and ZeRO partitions start from them), the
+stream loader and the training state (fresh memory, the LR schedule at the step), and save
+through CheckpointManager (manifest, `latest`). Optimizer moments start at zero.
 
 Output folder = a run folder: config.yaml (train.output_dir = this folder) and
 checkpoints/step-N/...; resume with `lamemo train --config OUT/config.yaml`.
@@ -66,15 +67,21 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
 
 
 def _rank_main(out: Path, step: int) -> None:
-    """One writer rank (run under torch.distributed.run)."""
+    """One writer rank (run under torch.distributed.run): the trainer's own builders make the
+    strategy of the new layout around the loaded weights, the streams and the training state at
+    `step` (fresh memory, the schedule at `step`), and the checkpoint manager saves them."""
     from ..checkpoint.manager import CheckpointManager
     from ..checkpoint.safetensors_io import load_model_folder
     from ..config.derive import World, resolve
-    from ..data.streams import OrderedStreams
-    from ..model.bank import StateBank
     from ..parallel import dist
-    from ..parallel.engine import build_engine
-    from ..train.trainer import rng_state, seed_all
+    from ..train.state import RNG, Progress, rank_seed
+    from ..train.trainer import (
+        Hooks,
+        build_parallel,
+        build_streams,
+        checkpoint_meta,
+        training_state,
+    )
 
     cfg = load_config(out / "config.yaml")
     denv = dist.discover()
@@ -84,27 +91,22 @@ def _rank_main(out: Path, step: int) -> None:
     comm = dist.Comm(device if plan.backend == "nccl" else None)
     model, _ = load_model_folder(out / SOURCE, dtype=torch.float32)
     model.train()
-    bundle = build_engine(model.to(device), cfg, plan, cuda=device.type == "cuda")
-    engine = bundle.engine
-    bank = StateBank(plan.grad_accum, lambda: engine.module.init_state(plan.micro_batch,
-                                                                       device=device))
-    loader = OrderedStreams(cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len,
-                            rows=plan.rows_per_rank, dp_rank=comm.rank, dp_size=plan.dp_size,
-                            seed=cfg.train.seed, random_roll=cfg.data.random_roll, prefetch=1)
-    seed_all(cfg.train.seed + 7919 * (comm.rank + 1))  # the trainer's per-rank dropout seed
-    rank_state = {"step": step, "world_size": comm.world_size, "rows_per_rank":
-                  plan.rows_per_rank, "bank": bank.state_dict(), "loader": loader.state_dict(),
-                  "rng": rng_state(), "counters": {"skipped_total": 0, "consecutive_skips": 0}}
-    loader.close()
-    meta = {"world_size": comm.world_size, "dp_size": plan.dp_size,
-            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
-            "zero_stage": plan.zero_stage, "precision": plan.precision,
-            "model_memory": cfg.model.memory, "converted_by": "lamemo convert --to deepspeed"}
+    parallel = build_parallel(cfg, plan, comm=comm, device=device, hooks=Hooks(), model=model)
+    streams = build_streams(cfg, plan, parallel.dp_rank, prefetch=1)
+    rng = RNG()
+    rng.seed(rank_seed(cfg.train.seed, comm.rank))  # the trainer's per-rank dropout seed
+    state = training_state(progress=Progress(step=step), streams=streams, parallel=parallel,
+                           rng=rng)
+    state["lr"].advance_to(step)
     mgr = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last, comm=comm,
                             log=lambda *a: None)
-    mgr.save(step, save_deepspeed=lambda d, tag: engine.save_checkpoint(d, tag=tag,
-                                                                        save_latest=False),
-             rank_state=rank_state, config_text=dump_config(cfg), meta=meta)
+    try:
+        mgr.save(step, save_weights=parallel.save_weights, state=state,
+                 config_text=dump_config(cfg),
+                 meta=checkpoint_meta(cfg, plan, parallel,
+                                      converted_by="lamemo convert --to deepspeed"))
+    finally:
+        streams.close()
     comm.barrier()
     torch.distributed.destroy_process_group()
 

@@ -1,7 +1,15 @@
-"""State banks: the memory of every stream slot, kept outside the DeepSpeed engine.
+"""The memory bank: the memory of every stream slot, kept outside the DeepSpeed engine.
 
-Slot m holds the MemoryState of the streams that micro-batch m of every step carries. Training
-and evaluation use separate banks, so an evaluation never disturbs the training memory.
+One class serves the data-parallel trainer (a slot holds the whole model's MemoryState) and the
+pipeline stages (a slot holds one stage part's state: the embedding part on the first stage, one
+layer's part on the stage that runs it). Slot m holds the memory of the streams that micro-batch
+m of every step carries, so every stream's memory continues its own text.
+
+A training forward `put`s its slot's next state as pending; `settle(applied)` commits every
+pending state once the optimizer step was applied on every rank, or drops them all when it was
+skipped, so a skipped step leaves the memory as it was. Evaluation states replace their slot at
+once, in a bank of their own: an evaluation never touches the training memory. States are
+detached, replaced, never modified in place.
 """
 
 from __future__ import annotations
@@ -10,40 +18,52 @@ import torch
 
 from .memory import MemoryState
 
+MODES = ("train", "eval")
 
-class StateBank:
-    """One MemoryState per micro-batch slot, with checkpointable state."""
 
-    def __init__(self, slots: int, make_state):
-        """`make_state()` returns an empty MemoryState for one slot (right dtype and device)."""
-        self.make_state = make_state
-        self.states: list[MemoryState] = [make_state() for _ in range(slots)]
+class MemoryBank:
+    """Committed training states, pending ones, and evaluation states, by slot (Stateful)."""
 
-    def __len__(self) -> int:
-        return len(self.states)
+    def __init__(self, device: torch.device | str | None = None):
+        """`device`: where load_state_dict puts the loaded states (None: leave them on the CPU)."""
+        self.device = device
+        self.banks: dict[str, dict[int, MemoryState]] = {mode: {} for mode in MODES}
+        self.pending: dict[int, MemoryState] = {}
 
-    def get(self, slot: int, reset: torch.Tensor) -> MemoryState:
-        """The memory of `slot` with streams flagged in reset [rows] forgotten."""
-        return self.states[slot].reset(reset)
+    def get(self, slot: int, *, training: bool = True) -> MemoryState | None:
+        """The committed state of `slot` (None: never written; the caller starts it empty)."""
+        return self.banks["train" if training else "eval"].get(slot)
 
-    def commit(self, new_states: list[MemoryState]) -> None:
-        """Replace every slot at once (called only for a step that was applied)."""
-        if len(new_states) != len(self.states):
-            raise ValueError(f"expected {len(self.states)} slot states, got {len(new_states)}")
-        self.states = [s.detach() for s in new_states]
+    def put(self, slot: int, state: MemoryState, *, training: bool = True) -> None:
+        """Training: the state waits for settle(); evaluation: it replaces the slot now."""
+        if training:
+            self.pending[slot] = state.detach()
+        else:
+            self.banks["eval"][slot] = state.detach()
 
-    def reset_all(self) -> None:
-        self.states = [self.make_state() for _ in self.states]
+    def settle(self, applied: bool) -> None:
+        """Commit the pending training states (the step was applied) or drop them (skipped)."""
+        if applied:
+            self.banks["train"].update(self.pending)
+        self.pending = {}
 
-    def state_dict(self) -> dict:
-        return {"mem_len": [s.mem_len for s in self.states],
-                "slots": [{k: v.detach().cpu() for k, v in s.tensors().items()}
-                          for s in self.states]}
+    def reset(self, mode: str = "train") -> None:
+        """Forget every slot of `mode` ("train" or "eval")."""
+        if mode not in MODES:
+            raise ValueError(f"memory bank mode {mode!r}: expected one of {MODES}")
+        self.banks[mode] = {}
+        if mode == "train":
+            self.pending = {}
+
+    def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The committed training memory, slot -> its tensors on the CPU (evaluation memory is
+        transient)."""
+        return {slot: {k: v.detach().cpu() for k, v in st.tensors().items()}
+                for slot, st in sorted(self.banks["train"].items())}
 
     def load_state_dict(self, d: dict) -> None:
-        if len(d["slots"]) != len(self.states):
-            raise ValueError(f"state bank has {len(self.states)} slots but the checkpoint has "
-                             f"{len(d['slots'])}")
-        ref = self.states[0].valid.device
-        self.states = [MemoryState.from_tensors({k: v.to(ref) for k, v in t.items()}, m)
-                       for t, m in zip(d["slots"], d["mem_len"])]
+        self.banks["train"] = {
+            int(slot): MemoryState.from_tensors(
+                {k: v.to(self.device) if self.device is not None else v for k, v in t.items()})
+            for slot, t in d.items()}
+        self.pending = {}

@@ -45,12 +45,21 @@ class MemoryState:
                 out[f"{name}.{i}"] = t
         return out
 
+    def fits(self, batch: int, mem_len: int) -> bool:
+        """True when this state has the shapes a batch of `batch` streams with a memory of
+        `mem_len` rows needs."""
+        return self.batch_size == batch and self.mem_len == mem_len
+
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], mem_len: int) -> MemoryState:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor],
+                     mem_len: int | None = None) -> MemoryState:
+        """The inverse of `tensors()`; mem_len defaults to the buffers' length (0 without any)."""
         def seq(name: str) -> tuple[torch.Tensor, ...]:
             keys = sorted((k for k in tensors if k.startswith(name + ".")),
                           key=lambda k: int(k.split(".")[1]))
             return tuple(tensors[k] for k in keys)
+        if mem_len is None:
+            mem_len = next((t.shape[1] for k, t in tensors.items() if k != "valid"), 0)
         return cls(valid=tensors["valid"], mem_len=mem_len, emb=tensors.get("emb"),
                    ctx=seq("ctx"), lse=seq("lse"), hidden=seq("hidden"))
 

@@ -88,7 +88,7 @@ def train_batch(engine, items: list) -> tuple[float, bool]:
     flag = torch.tensor([0.0 if engine.was_step_applied() else 1.0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     applied = flag.item() == 0.0
-    pipe.commit_memory(applied)
+    pipe.memory.settle(applied)
     return float(loss), applied
 
 
