@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "convert": ("lamemo_ds.commands.convert", "convert checkpoints (deepspeed, consolidated, hf, "
                 "reference)"),
+    "inspect": ("lamemo_ds.commands.inspect", "what a checkpoint holds (step, layout, pipeline "
+                "map, tensors, manifest), without loading a model"),
+    "verify": ("lamemo_ds.commands.verify", "check that a checkpoint or export folder is "
+               "complete, intact and loadable"),
     "eval": ("lamemo_ds.commands.eval", "perplexity / bits per character of an exported model"),
     "generate": ("lamemo_ds.commands.generate", "sample text from an exported model"),
 }
@@ -43,19 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(run, args, name: str) -> int:
+    """run(args) as the exit code; a configuration error is reported in one line (exit 2)."""
+    from .config.schema import ConfigError
+
+    try:
+        return int(run(args) or 0)
+    except ConfigError as e:
+        print(f"{name}: config error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from .config.schema import ConfigError
+    return _run(args._run, args, f"lamemo {args.command}")
 
-    try:
-        return int(args._run(args) or 0)
-    except ConfigError as e:
-        print(f"lamemo {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+
+def standalone(command: str, prog: str, argv: list[str] | None = None) -> int:
+    """Run subcommand `command` as its own program `prog` (the programs in tools/): the same
+    options and code as `lamemo COMMAND`."""
+    module, help_text = COMMANDS[command]
+    mod = importlib.import_module(module)
+    p = argparse.ArgumentParser(prog=prog, description=f"{help_text} (the same program as "
+                                f"`lamemo {command}`)")
+    mod.add_arguments(p)
+    return _run(mod.run, p.parse_args(argv), prog)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import pytest
 import torch
 from train_support import PY, RUNNER, env, free_port, losses, spawn, write_config
 
+from lamemo_ds.checkpoint.layer_map import logical_state_dict
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name
 from lamemo_ds.config.derive import World, resolve
 from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError
 from lamemo_ds.model import LaMemoLM
 from lamemo_ds.parallel.dist import Comm
-from lamemo_ds.parallel.pipeline_engine import logical_state_dict
 
 PIPE = {"pipeline_stages": 2, "zero_stage": 0}
 TRAIN = {"grad_accum": 2, "max_steps": 6}

@@ -3,6 +3,8 @@
 Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)::
 
     latest                     text file: the folder name of the newest complete checkpoint
+                               (for people and outside tools; lamemo itself finds the newest
+                               complete checkpoint with `newest_complete` / `locate` below)
     step-00000100/             one complete checkpoint (the step counts optimizer steps done)
       deepspeed/               engine.save_checkpoint(..., tag="deepspeed"): DeepSpeed's own files,
                                mp_rank_00_model_states.pt (key "module": the LaMemoLM state dict
@@ -120,6 +122,53 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def list_steps(root: Path) -> list[int]:
+    """Steps of all step-N folders under the checkpoints folder `root` (complete or not)."""
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+
+
+def newest_complete(root: Path, log: Callable[[str], None] = lambda msg: None) -> int | None:
+    """The step of the newest checkpoint under `root` whose manifest verifies (None: none);
+    every newer one skipped is reported to `log` with the reason. The one rule of "latest":
+    resume and every reader of a run folder use it."""
+    for step in reversed(list_steps(root)):
+        path = root / step_dir_name(step)
+        reason = verify(path)
+        if reason is None:
+            return step
+        log(f"checkpoint {path} skipped: {reason}; trying an older one")
+    return None
+
+
+def is_step_folder(path: Path) -> bool:
+    """A folder holding one checkpoint: DeepSpeed's files, or `lamemo train`'s deepspeed/."""
+    return any(path.glob("*model_states.pt")) or (path / DS_TAG).is_dir()
+
+
+def locate(path: str | Path, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The checkpoint folder `path` names: a step folder itself, else the newest complete
+    checkpoint under a checkpoints folder or a run folder (its checkpoints/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder, its "
+                                "checkpoints/ or one step-N/ folder)")
+    if is_step_folder(path):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    step = newest_complete(root, log)
+    if step is None:
+        found = [step_dir_name(s) for s in list_steps(root)]
+        raise FileNotFoundError(
+            f"{root} holds no complete checkpoint (" + (
+                f"{', '.join(found)} failed verification" if found else
+                "no step-N folder, no DeepSpeed files") + "); give a step-N folder or the run "
+            "folder of a finished `lamemo train`")
+    return root / step_dir_name(step)
+
+
 @dataclass(frozen=True)
 class Found:
     """A verified checkpoint chosen for resume."""
@@ -208,23 +257,14 @@ class CheckpointManager:
     # ------------------------------------------------------------------------- resume
     def list_steps(self) -> list[int]:
         """Steps of all step-N folders (complete or not), ascending."""
-        if not self.root.is_dir():
-            return []
-        steps = [int(m.group(1)) for p in self.root.iterdir()
-                 if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-        return sorted(steps)
+        return list_steps(self.root)
 
     def find_latest(self) -> Found | None:
         """Newest verified checkpoint (rank 0 verifies, every rank gets its choice)."""
         chosen = -1
         if self.comm.rank == 0:
-            for step in reversed(self.list_steps()):
-                path = self.root / step_dir_name(step)
-                reason = verify(path)
-                if reason is None:
-                    chosen = step
-                    break
-                self.log(f"checkpoint {path} skipped: {reason}; trying an older one")
+            found = newest_complete(self.root, self.log)
+            chosen = -1 if found is None else found
         chosen = self.comm.broadcast_int(chosen)
         if chosen < 0:
             return None

@@ -1,5 +1,11 @@
-"""`--to deepspeed`: a model into a `lamemo train` checkpoint for a new layout (ZeRO stage, world
-size), to resume or fine-tune on another cluster shape.
+"""The deepspeed format: `lamemo train` checkpoints, read into one model and written for a layout.
+
+Reading (`read_deepspeed`): a run folder, its checkpoints/ or one step-N/ folder of any ZeRO
+stage or pipeline layout -> the fp32 model (checkpoint/deepspeed_io.py reads and verifies the
+files) with the training config and the tokenizer of its data.
+
+`--to deepspeed`: a model into a `lamemo train` checkpoint for a new layout (ZeRO stage, world
+size, pipeline stages), to resume or fine-tune on another cluster shape.
 
 The checkpoint must be the one the trainer itself would write, so it is written by the trainer's
 own builders (train/trainer.py): `world_size` processes (torch.distributed.run) each build the
@@ -21,11 +27,47 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.deepspeed_io import find_run_config, read_state_dict
+from ..checkpoint.safetensors_io import CheckpointError, build_model, tied_aliases
 from ..config.load import dump_config, load_config, to_dict
 from ..config.schema import RunConfig
+from .loaded import Loaded
 
 SOURCE = ".source"
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix ('module.', 'model.', ...) so names match LaMemoLM's."""
+    if expected & set(sd):
+        return sd
+    for key in sd:
+        for name in expected:
+            if key.endswith("." + name):
+                prefix = key[: -len(name)]
+                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bool = False,
+                   check_manifest: bool = True) -> Loaded:
+    """A DeepSpeed checkpoint -> Loaded with the fp32 model and the training config."""
+    from ..model import LaMemoLM
+
+    step, sd, what = read_state_dict(path, quiet, check_manifest=check_manifest)
+    run_cfg = find_run_config(step, run_config)
+    if not quiet:
+        print(f"read  {step}: {what}", flush=True)
+    with torch.device("meta"):
+        ref = LaMemoLM(run_cfg.model)
+    aliases = tied_aliases(ref)
+    sd = _strip_prefix(sd, set(ref.state_dict()))
+    sd = {k: v for k, v in sd.items() if k not in aliases}
+    model = build_model(run_cfg.model, sd, str(step), dtype=torch.float32)
+    data_dir = Path(run_cfg.data.path)
+    toks = sorted(data_dir.glob("tokenizer*.json")) if data_dir.is_dir() else []
+    notes = [] if toks else [f"no tokenizer found in data.path={data_dir}"]
+    return Loaded(model=model, source=str(step), run_config=run_cfg, tokenizer_files=toks,
+                  notes=notes)
 
 
 def new_run_config(loaded, *, run_config: RunConfig | None, overrides: list[str],
@@ -42,7 +84,7 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
                     run_config: RunConfig | None = None, overrides: list[str] | None = None,
                     world_size: int | None = None, step: int = 0) -> list[str]:
     """Launch the writer ranks; returns the files written (relative to the output)."""
-    from .convert import write_consolidated
+    from .consolidated import write_consolidated
 
     cfg = new_run_config(loaded, run_config=run_config, overrides=overrides or [], final=final)
     world = world_size or cfg.parallel.pipeline_stages

@@ -318,10 +318,13 @@ class LaMemoPipe(PipelineModule):
         self.memory.reset(mode)
 
     # -- names ------------------------------------------------------------------------------
-    def layer_map(self) -> dict[str, dict]:
-        """layer file index -> the logical (LaMemoLM) names of its parameters (checkpoints)."""
-        return {f"{i:02d}": {"kind": e.kind, "logical": e.logical, "local_prefix": e.local_prefix,
-                             "stage": self.stage_owner(i)} for i, e in enumerate(self.entries)}
+    def layer_map(self) -> dict:
+        """What checkpoint/layer_map.py writes: the stages, their boundaries, and per layer file
+        index the logical (LaMemoLM) names of its parameters."""
+        layers = {f"{i:02d}": {"kind": e.kind, "logical": e.logical,
+                               "local_prefix": e.local_prefix, "stage": self.stage_owner(i)}
+                  for i, e in enumerate(self.entries)}
+        return {"pipeline_stages": self.num_stages, "parts": list(self.parts), "layers": layers}
 
 
 class StageMemory:

@@ -10,12 +10,9 @@ loader position identical on every rank for checkpoints).
 
 from __future__ import annotations
 
-import glob
-import json
-from pathlib import Path
-
 import torch
 
+from ..checkpoint.layer_map import rename_keys
 from ..config.deepspeed import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import RunConfig
@@ -23,8 +20,6 @@ from ..model import LaMemoLM
 from .engine import EngineBundle, build_optimizer
 from .pipeline import LaMemoPipe, Window
 from .schedule import build_scheduler
-
-LAYER_MAP = "layer_map.json"
 
 
 def windows(cfg: RunConfig, plan: Plan) -> tuple[Window, Window]:
@@ -93,50 +88,6 @@ def train_batch(engine, items: list) -> tuple[float, bool]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def write_layer_map(pipe: LaMemoPipe, ds_dir: str | Path) -> Path:
-    """layer_map.json beside DeepSpeed's layer files: file index -> logical parameter names."""
-    path = Path(ds_dir) / LAYER_MAP
-    data = {"pipeline_stages": pipe.num_stages, "parts": list(pipe.parts),
-            "layers": pipe.layer_map()}
-    path.write_text(json.dumps(data, indent=1))
-    return path
-
-
-def _rename(sd: dict, *, local_prefix: str, logical: str) -> dict:
-    if not local_prefix:
-        return dict(sd)
-    cut = len(local_prefix) + 1
-    return {f"{logical}.{k[cut:]}": v for k, v in sd.items()}
-
-
-def logical_state_dict(ds_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The LaMemoLM state dict from a DeepSpeed checkpoint folder of either layout.
-
-    Pipeline layout: every layer file renamed through layer_map.json (word_emb from the first
-    stage's IOStage, crit from the last one's). Data-parallel layout: mp_rank_00's "module".
-    """
-    ds_dir = Path(ds_dir)
-    if not (ds_dir / LAYER_MAP).is_file():
-        files = sorted(ds_dir.glob("mp_rank_00_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{ds_dir}: neither {LAYER_MAP} nor "
-                                    "mp_rank_00_model_states.pt; not a lamemo checkpoint")
-        return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    layers = json.loads((ds_dir / LAYER_MAP).read_text())["layers"]
-    io = [k for k, e in layers.items() if e["kind"] == "io"]
-    out: dict[str, torch.Tensor] = {}
-    for key, e in layers.items():
-        files = sorted(glob.glob(str(ds_dir / f"layer_{key}-*model_states.pt")))
-        if not files:
-            raise FileNotFoundError(f"{ds_dir}: layer file layer_{key}-*model_states.pt missing")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)
-        if e["kind"] == "io":
-            keep = "word_emb." if key == io[0] else "crit."
-            sd = {k: v for k, v in sd.items() if k.startswith(keep)}
-        out.update(_rename(sd, local_prefix=e["local_prefix"], logical=e["logical"]))
-    return out
-
-
 def load_logical(pipe: LaMemoPipe, state: dict[str, torch.Tensor]) -> None:
     """Load a LaMemoLM state dict into this rank's stage modules (any source layout)."""
     for i, f in enumerate(pipe.forward_funcs):
@@ -144,7 +95,8 @@ def load_logical(pipe: LaMemoPipe, state: dict[str, torch.Tensor]) -> None:
             continue
         e = pipe.entries[pipe._local_start + i]
         own = f.state_dict()
-        mapped = _rename({k: None for k in own}, local_prefix=e.local_prefix, logical=e.logical)
+        mapped = rename_keys({k: None for k in own}, local_prefix=e.local_prefix,
+                             logical=e.logical)
         names = dict(zip(own, mapped))
         missing = [logical for logical in names.values() if logical not in state]
         if missing:

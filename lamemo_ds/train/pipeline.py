@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..checkpoint.layer_map import logical_state_dict, write_layer_map
 from ..checkpoint.manager import DS_TAG
 from ..config.derive import Plan
 from ..config.schema import RunConfig
@@ -26,10 +27,8 @@ from ..model import LaMemoLM
 from ..parallel.pipeline_engine import (
     build_pipeline_engine,
     load_logical,
-    logical_state_dict,
     micro_batches,
     train_batch,
-    write_layer_map,
 )
 from .strategy import Hooks, StepResult
 
@@ -135,7 +134,7 @@ class PipelineParallel:
         """DeepSpeed's layer files, plus the layer map (layer file -> model names)."""
         self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
         if self.rank == 0:
-            write_layer_map(self.pipe, f"{folder}/{tag}")
+            write_layer_map(f"{folder}/{tag}", self.pipe.layer_map())
 
     def load_weights(self, path, *, same_layout: bool) -> None:
         """This layout: DeepSpeed's own files (optimizer included); another: the weights by
