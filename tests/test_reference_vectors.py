@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lamemo_ds.checkpoint import from_reference, to_reference
+from lamemo_ds.convert import from_reference, to_reference
 from lamemo_ds.model import ModelConfig
 
 pytestmark = pytest.mark.unit

@@ -1,5 +1,5 @@
 """Reading DeepSpeed training checkpoints into one state dict (any ZeRO stage, any precision,
-data-parallel or pipeline layout); conversion/deepspeed.py builds the model from it.
+data-parallel or pipeline layout); convert/deepspeed.py builds the model from it.
 
 Weights come from the fp32 master copy wherever DeepSpeed keeps one (the ZeRO partitions of the
 optimizer files, merged by deepspeed.utils.zero_to_fp32), else from the module state of

@@ -15,7 +15,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config.load import add_config_arguments
-    from ..conversion.convert import FORMATS_IN, FORMATS_OUT
+    from ..convert.convert import FORMATS_IN, FORMATS_OUT
 
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,
                    help="format of the input")
@@ -54,7 +54,7 @@ def _configs(args):
 
 def run(args) -> int:
     from ..checkpoint.safetensors_io import CheckpointError, check_output, parse_dtype, parse_size
-    from ..conversion.convert import read_source, write_target
+    from ..convert.convert import read_source, write_target
 
     try:
         check_output(args.output, force=args.force)

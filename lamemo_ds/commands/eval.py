@@ -90,7 +90,7 @@ def load_model(path: str, fmt: str):
     import torch
 
     from ..config.load import load_config
-    from ..conversion.convert import RUN_CONFIG_NAME, read_source
+    from ..convert.convert import RUN_CONFIG_NAME, read_source
 
     folder = Path(path)
     if fmt == "auto":
@@ -169,7 +169,7 @@ def run(args) -> int:
     import torch
 
     from ..checkpoint.safetensors_io import CheckpointError
-    from ..conversion.convert import record_eval
+    from ..convert.convert import record_eval
     from ..data.recall import recall_scorer
 
     if args.record and not (Path(args.model) / "config.json").is_file():

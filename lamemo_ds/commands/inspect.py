@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..checkpoint.safetensors_io import CheckpointError
-    from ..conversion.inspect import describe, inspect_path
+    from ..convert.inspect import describe, inspect_path
 
     try:
         report = inspect_path(args.path, check=not args.no_verify,

@@ -5,7 +5,7 @@ intact and loadable? Prints one line per check; exits 1 if one failed.
     lamemo verify runs/x/checkpoints/step-00001000
     lamemo verify out-hf/
 
-See conversion/verify.py for what is checked.
+See convert/verify.py for what is checked.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from dataclasses import asdict
 
-    from ..conversion.verify import verify_path
+    from ..convert.verify import verify_path
 
     checks = verify_path(args.path, log=lambda msg: print(msg, file=sys.stderr))
     failed = [c for c in checks if not c.ok]

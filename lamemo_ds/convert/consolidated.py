@@ -1,5 +1,5 @@
 """The consolidated format: model.safetensors (+ an index when sharded) and config.json; the
-hf format is the same folder plus the transformers code (conversion/hf.py), and reads alike."""
+hf format is the same folder plus the transformers code (convert/hf.py), and reads alike."""
 
 from __future__ import annotations
 

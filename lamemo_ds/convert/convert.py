@@ -1,7 +1,7 @@
 """Checkpoint conversion: read any of our formats into one in-memory model, write any other.
 
 The formats (deepspeed, consolidated, hf, reference) and their readers and writers are in
-conversion/registry.py. `lamemo convert` and tools/convert_checkpoint.py both come here.
+convert/registry.py. `lamemo convert` and tools/convert_checkpoint.py both come here.
 
 Every writer works in a temp folder renamed into place at the end, so a failed conversion leaves
 nothing behind; readers check every tensor against the config and name the bad file.

@@ -92,7 +92,7 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
     write_consolidated(loaded, tmp / SOURCE, dtype=torch.float32, max_shard_bytes=0)
     (tmp / "config.yaml").write_text(dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", "-m", "lamemo_ds.conversion.deepspeed",
+           f"--nproc_per_node={world}", "-m", "lamemo_ds.convert.deepspeed",
            str(tmp), str(step)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not quiet:
