@@ -39,12 +39,10 @@ def build_pipe(model: LaMemoLM, cfg: RunConfig, plan: Plan) -> LaMemoPipe:
 
 def build_pipeline_engine(model: LaMemoLM, cfg: RunConfig, plan: Plan, *,
                           cuda: bool) -> EngineBundle:
-    """deepspeed.initialize over the pipeline stages (ZeRO 0/1; the config check rejects 2/3)."""
+    """deepspeed.initialize over the pipeline stages (ZeRO 0/1: ParallelConfig.validate, which
+    config.derive.resolve runs for every plan, rejects 2/3)."""
     import deepspeed
 
-    if plan.zero_stage > 1:
-        raise ValueError(f"ZeRO stage {plan.zero_stage} cannot run with pipeline_stages="
-                         f"{plan.pp_size}: use parallel.zero_stage 0 or 1")
     pipe = build_pipe(model, cfg, plan)
     ds_cfg = deepspeed_config(cfg, plan)
     plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
