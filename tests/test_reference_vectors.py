@@ -1,4 +1,5 @@
-"""Numerical parity with the authors' implementation through `from_reference` (SPEC §8)."""
+"""Numerical parity with the authors' implementation through `from_reference`
+(docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

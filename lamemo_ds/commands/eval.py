@@ -12,9 +12,9 @@ the memory gain loss(reset) - loss(carried); `carried` or `reset` runs one pass.
 corpus (`lamemo prepare --corpus recall`) the retrieval cost in bits per key symbol is reported
 too, next to log2(alphabet), the cost of a model that cannot see the key.
 
-Protocols (SPEC §6): `paper` evaluates with the training segment and memory lengths; `xl` with
-Transformer-XL's longer memory (flags, else the `eval:` section of the training config stored
-with the model). The result names the protocol and every length it used.
+Protocols (docs/algorithm.md §6): `paper` evaluates with the training segment and memory
+lengths; `xl` with Transformer-XL's longer memory (flags, else the `eval:` section of the
+training config stored with the model). The result names the protocol and every length it used.
 """
 
 from __future__ import annotations

@@ -176,7 +176,8 @@ class DecoderLayer(nn.Module):
 
     def _lamemo_tail(self, h, q, k, v, r_la, b: Biases, valid, o, lse_cur, ctx_old, lse_old,
                      *, need_mem_out: bool) -> LayerOut:
-        """Look-ahead attention, the merge, W_o / LN / FFN and the state update (SPEC §3-4)."""
+        """Look-ahead attention, the merge, W_o / LN / FFN and the state update
+        (docs/algorithm.md §3-4)."""
         m = ctx_old.shape[1]
         n = o.shape[2]
         start, width = attn_ops.lookahead_window(mem_len=m, seg_len=n)

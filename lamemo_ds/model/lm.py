@@ -62,7 +62,7 @@ class LaMemoLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference training script's init (SPEC §5)."""
+        """The reference training script's init (docs/algorithm.md §5)."""
         std, pstd = self.config.init_std, self.config.proj_init_std
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]

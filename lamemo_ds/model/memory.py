@@ -1,4 +1,5 @@
-"""Recurrent memory carried between segments, and the exact look-ahead merge (SPEC §1, §3, §4).
+"""Recurrent memory carried between segments, and the exact look-ahead merge
+(docs/algorithm.md §1, §3, §4).
 
 The state has a fixed buffer length M (its one source of truth for mem_len) and a per-stream
 count `valid` of real rows (the last `valid` rows), so shapes never change between segments.
@@ -98,7 +99,7 @@ def empty_state(kind: str, *, batch_size: int, mem_len: int, n_layer: int, d_mod
 
 def merge_lookahead(ctx_old: torch.Tensor, lse_old: torch.Tensor, e: torch.Tensor,
                     lse_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact merge of two softmaxes over disjoint key sets (SPEC §3).
+    """Exact merge of two softmaxes over disjoint key sets (docs/algorithm.md §3).
 
     ctx_old [.., D] and lse_old [..] are constants; e and lse_new carry gradient.
     alpha = e^{lse_old} / (e^{lse_old} + e^{lse_new} + eps) computed stably; returns
