@@ -1,10 +1,14 @@
 """Checkpoint conversion: read any of our formats into one in-memory model, write any other.
 
-The formats (deepspeed, consolidated, hf, reference) and their readers and writers are in
-convert/registry.py. `lamemo convert` and tools/convert_checkpoint.py both come here.
+Formats (each with its reader and writer in convert/registry.py)
+- deepspeed:    a training checkpoint (step-N/ of `lamemo train`, any ZeRO stage) — read and write
+- consolidated: model.safetensors (+ index when sharded), config.json, tokenizer, README card
+- hf:           consolidated + transformers code (AutoModelForCausalLM, trust_remote_code=True)
+- reference:    a state dict of the authors' code, `reference.pt` (+ our config.json)
 
 Every writer works in a temp folder renamed into place at the end, so a failed conversion leaves
 nothing behind; readers check every tensor against the config and name the bad file.
+`lamemo convert` and tools/convert_checkpoint.py both come here.
 """
 
 from __future__ import annotations
