@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,9 +19,9 @@ from lamemo_ds.model.bank import MemoryBank
 from lamemo_ds.model.memory import MemoryState, empty_state
 from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_job_id, slurm_port
 from lamemo_ds.parallel.engine import build_optimizer
-from lamemo_ds.parallel.schedule import lr_at
+from lamemo_ds.parallel.schedule import build_scheduler, lr_at
 from lamemo_ds.train.signals import StopFlag
-from lamemo_ds.train.state import Progress
+from lamemo_ds.train.state import RNG, LRSchedule, Progress, rank_seed
 
 pytestmark = pytest.mark.unit
 
@@ -97,6 +99,39 @@ def test_stop_flag_only_records():
         assert flag.signum == signal.SIGUSR1
     finally:
         flag.restore()
+
+
+def test_training_state_pieces_are_stateful():
+    """RNG, Progress and LRSchedule save and restore themselves (the checkpoint's dict)."""
+    rng = RNG()
+    rng.seed(rank_seed(1111, rank=1))
+    saved = rng.state_dict()
+    first = (torch.rand(3), np.random.rand(), random.random())
+    rng.seed(5)
+    rng.load_state_dict(saved)
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    assert rank_seed(1111, rank=0) != rank_seed(1111, rank=1) != rank_seed(1111, rank=1, step=3)
+
+    progress = Progress(step=7, skipped_total=2, consecutive_skips=1)
+    other = Progress()
+    other.load_state_dict(progress.state_dict())
+    assert other.state_dict() == {"step": 7, "skipped_total": 2, "consecutive_skips": 1}
+
+    def schedule():
+        p = torch.nn.Parameter(torch.ones(1))
+        opt = build_optimizer([p], OptimConfig(lr=1.0, schedule="linear"), skip_nonfinite=False)
+        return LRSchedule(build_scheduler(opt, OptimConfig(lr=1.0, schedule="linear"),
+                                          total_steps=10)), opt
+
+    lr, opt = schedule()
+    lr.advance_to(4)  # a checkpoint written for step 4 (lamemo convert --to deepspeed --step 4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(OptimConfig(lr=1.0, schedule="linear"),
+                                                            step=4, total=10))
+    restored, opt2 = schedule()
+    restored.load_state_dict(lr.state_dict())  # another layout: the optimizer starts fresh
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.6)
+    assert restored.scheduler.last_epoch == 4
 
 
 def test_skipping_optimizer_leaves_params_on_nan():
