@@ -191,6 +191,13 @@ def checkpoint_meta(cfg: RunConfig, plan: Plan, parallel, **extra) -> dict:
                 model_memory=cfg.model.memory, **extra)
 
 
+def _progress_field(name: str) -> property:
+    """Trainer.<name> reads and writes Trainer.progress.<name>."""
+    return property(lambda self: getattr(self.progress, name),
+                    lambda self, value: setattr(self.progress, name, value),
+                    doc=f"progress.{name} (train/state.py: Progress)")
+
+
 class Trainer:
     """Builds the strategy, streams, training state and monitors from a config; `fit()` runs
     the job. `model` (default: a fresh LaMemoLM seeded with train.seed) gives the weights."""
@@ -229,12 +236,9 @@ class Trainer:
         self.peak = peak_tflops(cfg.logging.peak_tflops)
 
     # the step counters live in the Stateful `progress`
-    step = property(lambda self: self.progress.step,
-                    lambda self, v: setattr(self.progress, "step", v))
-    skipped_total = property(lambda self: self.progress.skipped_total,
-                             lambda self, v: setattr(self.progress, "skipped_total", v))
-    consecutive_skips = property(lambda self: self.progress.consecutive_skips,
-                                 lambda self, v: setattr(self.progress, "consecutive_skips", v))
+    step = _progress_field("step")
+    skipped_total = _progress_field("skipped_total")
+    consecutive_skips = _progress_field("consecutive_skips")
 
     # ------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepResult:
