@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,triton]'
 	touch $(STAMP)
 
+# lint-imports first: the folders' one-way dependencies ([tool.importlinter] in pyproject.toml).
 # TRITON_INTERPRET=1: the `gpu` tier runs the Triton kernels on CPU through Triton's interpreter
 # (Triton fixes interpreter-or-compiler when first imported, so it is set for the whole run; with
 # no GPU nothing else uses Triton).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -34,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check lamemo_ds tests bench tools
 	$(BIN)/ruff format --check lamemo_ds tests bench tools
 

@@ -51,7 +51,7 @@ def make_inputs(shape: dict, kind: str, *, dtype, device, seed: int = 0):
     first has a partly filled memory so the masks are exercised in the correctness check."""
     import torch
 
-    from lamemo_ds.model import attention as eager
+    from lamemo_ds.ops import attention as eager
 
     g = torch.Generator().manual_seed(seed)
     b, h, d, n, m = (shape[x] for x in ("batch", "heads", "d_head", "seg", "mem"))
@@ -94,7 +94,7 @@ def check(shape: dict, kind: str, device) -> dict:
     """Relative errors of ours (bf16 and fp32) and eager bf16 against eager fp32."""
     import torch
 
-    from lamemo_ds.model import attention as eager
+    from lamemo_ds.ops import attention as eager
     from lamemo_ds.ops import triton_attention as fused
 
     name = "causal_rel_attention" if kind == "causal" else "lookahead_attention"
@@ -200,7 +200,7 @@ def flex_closure(shape: dict, *, dtype, device):
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from lamemo_ds.model.attention import rel_shift
+    from lamemo_ds.ops.attention import rel_shift
 
     n, m, d = shape["seg"], shape["mem"], shape["d_head"]
     args, _ = make_inputs(shape, "causal", dtype=dtype, device=device)
@@ -232,7 +232,7 @@ def flex_closure(shape: dict, *, dtype, device):
 
 
 def rel_closure(impl: str, shape: dict, kind: str, *, dtype, device):
-    from lamemo_ds.model import attention as eager
+    from lamemo_ds.ops import attention as eager
     from lamemo_ds.ops import triton_attention as fused
 
     name = "causal_rel_attention" if kind == "causal" else "lookahead_attention"

@@ -16,10 +16,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "parameters, FLOPs per token and memory-state size of a config"),
     "plan": ("lamemo_ds.commands.plan",
              "estimate memory, step time and communication of a cluster layout"),
-    "prepare": ("lamemo_ds.data.cli", "tokenize a corpus into document-ordered webdataset shards"),
-    "train": ("lamemo_ds.train.main", "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
+    "prepare": ("lamemo_ds.commands.prepare",
+                "tokenize a corpus into document-ordered webdataset shards"),
+    "train": ("lamemo_ds.commands.train",
+              "train with DeepSpeed (torchrun, deepspeed, mpirun, srun)"),
     "convert": ("lamemo_ds.commands.convert", "convert checkpoints (deepspeed, consolidated, hf, "
                 "reference)"),
+    "inspect": ("lamemo_ds.commands.inspect", "what a checkpoint holds (step, layout, pipeline "
+                "map, tensors, manifest), without loading a model"),
+    "verify": ("lamemo_ds.commands.verify", "check that a checkpoint or export folder is "
+               "complete, intact and loadable"),
     "eval": ("lamemo_ds.commands.eval", "perplexity / bits per character of an exported model"),
     "generate": ("lamemo_ds.commands.generate", "sample text from an exported model"),
 }
@@ -41,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--config FILE and repeated --set key=value (shared by every config-taking command)."""
-    p.add_argument("--config", required=required, help="YAML run config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+def _run(run, args, name: str) -> int:
+    """run(args) as the exit code; a configuration error is reported in one line (exit 2)."""
+    from .config.schema import ConfigError
+
+    try:
+        return int(run(args) or 0)
+    except ConfigError as e:
+        print(f"{name}: config error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from .config.schema import ConfigError
+    return _run(args._run, args, f"lamemo {args.command}")
 
-    try:
-        return int(args._run(args) or 0)
-    except ConfigError as e:
-        print(f"lamemo {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+
+def standalone(command: str, prog: str, argv: list[str] | None = None) -> int:
+    """Run subcommand `command` as its own program `prog` (the programs in tools/): the same
+    options and code as `lamemo COMMAND`."""
+    module, help_text = COMMANDS[command]
+    mod = importlib.import_module(module)
+    p = argparse.ArgumentParser(prog=prog, description=f"{help_text} (the same program as "
+                                f"`lamemo {command}`)")
+    mod.add_arguments(p)
+    return _run(mod.run, p.parse_args(argv), prog)
 
 
 if __name__ == "__main__":

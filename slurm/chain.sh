@@ -13,7 +13,7 @@
 #   --train-opts STR       likewise --eval-opts, --convert-opts
 #   -- ...               sbatch options for every step, e.g. -- --account=myproj
 # Variables the scripts read (PYTHON, CORPUS, INPUT, TOKENIZER, PREPARE_ARGS, TRAIN_ARGS,
-# EVAL_ARGS, CONVERT_ARGS, ...) pass through from this shell's environment.
+# EVAL_ARGS, CONVERT_ARGS, TOOLS, ...) pass through from this shell's environment.
 # Prints "STEP JOBID" per submitted job.
 set -euo pipefail
 
@@ -45,7 +45,8 @@ RUN_DIR=${RUN_DIR:-$(yaml_get train output_dir)}
 DATA_DIR=${DATA_DIR:-$(yaml_get data path)}
 [[ -n $RUN_DIR ]] || die "no train.output_dir in $CONFIG: pass --run-dir"
 [[ -n $DATA_DIR ]] || die "no data.path in $CONFIG: pass --data-dir"
-export CONFIG RUN_DIR DATA_DIR
+TOOLS=${TOOLS:-$(cd "$here/../tools" && pwd)}  # the programs eval and convert call
+export CONFIG RUN_DIR DATA_DIR TOOLS
 mkdir -p logs "$RUN_DIR"
 
 submit() { # submit STEP DEPENDENCY: prints the job id

@@ -1,4 +1,5 @@
-"""A slow, obviously-right LaMemo / Transformer-XL / no-memory LM written from SPEC §1-§5.
+"""A slow, obviously-right LaMemo / Transformer-XL / no-memory LM written from
+docs/algorithm.md §1-§5.
 
 This is a test oracle, not a second model: plain Python floats (float64), one score at a time,
 loops over streams, positions and heads, and memory kept as Python lists of its *real* rows
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, also the reference's
-MERGE_EPS = 1e-6  # SPEC §3: the epsilon in the interpolation weight
+MERGE_EPS = 1e-6  # docs/algorithm.md §3: the epsilon in the interpolation weight
 
 Vec = list[float]
 
@@ -49,7 +50,7 @@ def logsumexp(xs: list[float]) -> float:
 
 
 def sinusoid(x: float, d: int) -> Vec:
-    """P(x) = [sin(x f_k) ; cos(x f_k)], f_k = 10000^(-2k/d), k = 0..d/2-1 (SPEC §2).
+    """P(x) = [sin(x f_k) ; cos(x f_k)], f_k = 10000^(-2k/d), k = 0..d/2-1 (docs/algorithm.md §2).
 
     f_k is rounded to float32 as the reference's `inv_freq` buffer is (a float64 model keeps
     those rounded constants); exact f_k would differ by ~1e-9 in the outputs and force a
@@ -82,7 +83,8 @@ class StreamMemory:
 
 
 class NaiveLM:
-    """SPEC §1-§5 by the letter. `mem_len` is the memory length M (0 for memory='none')."""
+    """docs/algorithm.md §1-§5 by the letter. `mem_len` is the memory length M (0 for
+    memory='none')."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], *, memory: str, variant: str,
                  n_layer: int, n_head: int, d_head: int, mem_len: int, clamp_len: int = -1,
@@ -102,7 +104,7 @@ class NaiveLM:
 
     # -- pieces ------------------------------------------------------------------------------
     def rel(self, layer: int, x: float) -> list[Vec]:
-        """R(x) = W_r P(x) split per head; clamp_len clamps x from above (SPEC §5)."""
+        """R(x) = W_r P(x) split per head; clamp_len clamps x from above (docs/algorithm.md §5)."""
         if self.clamp_len > 0:
             x = min(x, self.clamp_len)
         key = (layer, float(x))
@@ -155,7 +157,8 @@ class NaiveLM:
         return q, k, v
 
     def causal(self, layer, q, k, v, m: int, n: int):
-        """SPEC §2 for current token t (position m + t) and head h, one score at a time."""
+        """docs/algorithm.md §2 for current token t (position m + t) and head h, one score at a
+        time."""
         s = 1.0 / math.sqrt(self.d_head)
         u, vb = self.p["biases.r_w_bias"], self.p["biases.r_r_bias"]
         o, lse, seen = [], [], []
@@ -177,7 +180,8 @@ class NaiveLM:
         return o, lse, seen
 
     def lookahead(self, layer, q, k, v, m: int, n: int, mem: StreamMemory):
-        """SPEC §3: memory token i over window [max(m-n+1, 1), m], p > i; exact merge."""
+        """docs/algorithm.md §3: memory token i over window [max(m-n+1, 1), m], p > i; exact
+        merge."""
         s = 1.0 / math.sqrt(self.d_head)
         u, vb = self.lookahead_biases()
         window = range(max(m - n + 1, 1), m + 1)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lamemo_ds.checkpoint import from_reference
+from lamemo_ds.convert import from_reference
 from lamemo_ds.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]

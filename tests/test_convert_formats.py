@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.checkpoint.safetensors_io import load_model_folder, load_weights
 from lamemo_ds.config import ModelConfig
+from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.model import LaMemoLM
 
 TINY = ModelConfig(vocab_size=61, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32,

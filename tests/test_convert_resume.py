@@ -7,8 +7,8 @@ import pytest
 import torch
 from train_support import losses, run_ranks, write_config
 
-from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.config import load_config
+from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.data.streams import OrderedStreams
 from lamemo_ds.model import LaMemoLM
 

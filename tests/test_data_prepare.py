@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lamemo_ds.data.cli import run as cli_run
+from lamemo_ds.commands.prepare import run as cli_run
 from lamemo_ds.data.corpora import CorpusError
 from lamemo_ds.data.manifest import load_manifest, open_tokens, verify
 from lamemo_ds.data.prepare import PrepareError, PrepareOptions, prepare
@@ -231,7 +231,7 @@ def test_100mb_single_document_streams_with_bounded_memory(tmp_path):
 def _args(**kw):
     import argparse
 
-    from lamemo_ds.data.cli import add_arguments
+    from lamemo_ds.commands.prepare import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

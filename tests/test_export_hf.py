@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from lamemo_ds.checkpoint.convert import Loaded, write_target
-from lamemo_ds.checkpoint.hf_export import build_modeling_source
 from lamemo_ds.config import ModelConfig
+from lamemo_ds.convert.convert import Loaded, write_target
+from lamemo_ds.convert.hf import build_modeling_source
 from lamemo_ds.model import LaMemoLM
 
 SEG = 8

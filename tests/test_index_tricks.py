@@ -1,8 +1,8 @@
-"""Every index trick of lamemo_ds/model/attention.py against a slow loop that is obviously right.
+"""Every index trick of lamemo_ds/ops/attention.py against a slow loop that is obviously right.
 
 Buffer convention (attention.py): memory buffer positions 0..M-1 with the `valid` real rows
 right-aligned (position j is real iff j >= M - valid), current token t at position M + t. The
-loops below state each rule of SPEC §2-§3 directly, one (query, key) pair at a time.
+loops below state each rule of docs/algorithm.md §2-§3 directly, one (query, key) pair at a time.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamemo_ds.model.attention import (
+from lamemo_ds.model.positional import lookahead_distances
+from lamemo_ds.ops.attention import (
     causal_mask,
     lookahead_index,
     lookahead_mask,
     lookahead_window,
     rel_shift,
 )
-from lamemo_ds.model.positional import lookahead_distances
 
 pytestmark = pytest.mark.unit
 
@@ -45,7 +45,7 @@ def test_rel_shift_matches_loop(n, k):
 @pytest.mark.parametrize("m,n", SHAPES, ids=IDS)
 def test_rel_shift_aligns_causal_distances(m, n):
     """With the table in Transformer-XL order (entry c is distance K-1-c), the shifted score
-    of query t and key j is the one for distance M + t - j (SPEC §2)."""
+    of query t and key j is the one for distance M + t - j (docs/algorithm.md §2)."""
     k = m + n
     table_dist = torch.tensor([float(k - 1 - c) for c in range(k)])
     y = rel_shift(table_dist.expand(n, k).clone())
@@ -73,7 +73,8 @@ def test_causal_mask_matches_loop(m, n, same_length):
 @pytest.mark.parametrize("m,n", SHAPES, ids=IDS)
 def test_lookahead_window_matches_loop(m, n):
     start, width = lookahead_window(mem_len=m, seg_len=n)
-    # SPEC §3: the last N-1 memory tokens plus the first current token, never position 0.
+    # docs/algorithm.md §3: the last N-1 memory tokens plus the first current token, never
+    # position 0.
     expected = [p for p in range(m + 1) if p >= 1 and p >= m - n + 1]
     assert width == len(expected)
     if expected:
@@ -117,7 +118,8 @@ def test_lookahead_mask_matches_loop(m, n, variant):
             for w in range(width):
                 p = start + w
                 # a usable key: the first current token, or a real memory row that is not the
-                # oldest real one (the window never starts at memory position 0, SPEC §3)
+                # oldest real one (the window never starts at memory position 0,
+                # docs/algorithm.md §3)
                 key_ok = p == m or (m - vb < p < m)
                 right = variant == "unmasked_window" or p > i
                 assert mask[b, 0, i, w].item() == (key_ok and right), (b, i, p)
@@ -129,7 +131,7 @@ def test_lookahead_mask_matches_loop(m, n, variant):
 def test_lookahead_keys_in_memory_coordinates(m, n):
     """Window + mask together, restated without the buffer: real memory token a (0-based
     among the `valid` real rows) looks at the keys a' with max(valid-N+1, 1) <= a' <= valid
-    (valid = the first current token) and a' > a (SPEC §3, M = valid there)."""
+    (valid = the first current token) and a' > a (docs/algorithm.md §3, M = valid there)."""
     valid = _valids(m)
     start, width = lookahead_window(mem_len=m, seg_len=n)
     mask = lookahead_mask(valid, mem_len=m, window_start=start, window_len=width,

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lamemo_ds.checkpoint.convert import Loaded, write_target
 from lamemo_ds.config import ModelConfig
+from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.data.streams import OrderedStreams
 from lamemo_ds.evaluation import EvalResult, evaluate, memory_gain
 from lamemo_ds.model import LaMemoLM

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamemo_ds.model import attention
 from lamemo_ds.model.layers import split_heads
+from lamemo_ds.ops import attention
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,5 @@
-"""The model against a naive loop implementation of SPEC §1-§5 (tests/_naive_lamemo.py).
+"""The model against a naive loop implementation of docs/algorithm.md §1-§5
+(tests/_naive_lamemo.py).
 
 Over several consecutive segments, for M < N, M = N, M > N (a longer memory than training, via
 init_state(mem_len=...)) and N = 1, for every memory kind and LaMemo ablation: the per-token
@@ -98,7 +99,7 @@ def test_model_matches_naive_loops(memory, variant, seg_len, mem_len, segments):
 @pytest.mark.parametrize("memory", ["lamemo", "xl"])
 def test_same_length_and_clamp_len_match_naive(memory):
     """The Transformer-XL evaluation protocol: each query sees at most M keys, distances
-    clamped (SPEC §5, §6); M > N so the same_length window actually cuts."""
+    clamped (docs/algorithm.md §5, §6); M > N so the same_length window actually cuts."""
     _run_both(memory, "default", seg_len=2, mem_len=3, segments=4, same_length=True,
               clamp_len=2)
 

@@ -1,4 +1,4 @@
-"""Properties the LaMemo algorithm promises (SPEC §1-§4), checked on the real model.
+"""Properties the LaMemo algorithm promises (docs/algorithm.md §1-§4), checked on the real model.
 
 - interpolation exactness: the look-ahead merge is ONE softmax over the union of keys, both on
   synthetic scores (merge_lookahead) and end to end (the carried ctx / lse of every memory token);
@@ -82,7 +82,7 @@ def test_carried_ctx_is_one_softmax_over_every_key_seen(variant, seg_len, mem_le
     """End to end: every memory token's carried ctx / lse (each layer, head) equals one softmax
     over all (score, value) pairs it has attended to in every segment so far, and those keys
     tile the text without gap or overlap: from its first causal key to the first token of the
-    latest segment (SPEC §4)."""
+    latest segment (docs/algorithm.md §4)."""
     model = tiny_model("lamemo", variant, seg_len=seg_len, mem_len=seg_len).eval()
     cfg = model.config
     naive = NaiveLM(model.state_dict(), memory="lamemo", variant=variant, n_layer=cfg.n_layer,
@@ -226,12 +226,12 @@ def test_attention_backward_matches_finite_differences(variant):
     """The eager attention's hand-written softmax/logsumexp backward (both outputs carry
     gradient: o feeds W_o, lse feeds the merge weight alpha), against numerical derivatives;
     one stream has a partly filled memory so masked keys are exercised."""
-    from lamemo_ds.model.attention import (
+    from lamemo_ds.model.positional import lookahead_distances
+    from lamemo_ds.ops.attention import (
         causal_rel_attention,
         lookahead_attention,
         lookahead_window,
     )
-    from lamemo_ds.model.positional import lookahead_distances
 
     g = torch.Generator().manual_seed(11)
     b, h, m, n, d = 2, 2, 3, 2, 2

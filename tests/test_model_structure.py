@@ -30,7 +30,7 @@ def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 # -- M = 0: LaMemo is Transformer-XL; `none` is a plain relative-position transformer -------------
 def test_first_lamemo_segment_is_a_transformer_xl_segment():
     """With no memory (M = 0, or a buffer with no real rows) a LaMemo layer is exactly a
-    Transformer-XL layer (SPEC §1): same weights, same first-segment outputs."""
+    Transformer-XL layer (docs/algorithm.md §1): same weights, same first-segment outputs."""
     lam = tiny_model("lamemo", seg_len=4, mem_len=4).eval()
     xl = tiny_model("xl", seg_len=4, mem_len=4, seed=99).eval()
     missing, unexpected = xl.load_state_dict(lam.state_dict(), strict=False)
@@ -96,7 +96,7 @@ def test_no_memory_model_is_a_plain_causal_relative_transformer():
         torch.testing.assert_close(out.logits, want, atol=1e-10, rtol=0)
 
 
-# -- parameter counts of the reference shapes (SPEC §6) ----------------------------------------
+# -- parameter counts of the reference shapes (docs/algorithm.md §6) -----------------------
 @pytest.mark.parametrize("name,millions", [("wt103_base", 151.1), ("enwik8_base", 41.0)])
 def test_reference_parameter_counts(name, millions):
     with torch.device("meta"):

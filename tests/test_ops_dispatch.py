@@ -55,7 +55,7 @@ def test_unknown_impl_is_rejected_with_the_choices():
 
 
 def test_eager_dispatch_is_the_oracle_itself():
-    from lamemo_ds.model import attention as eager
+    from lamemo_ds.ops import attention as eager
 
     g = torch.Generator().manual_seed(0)
     q, r = torch.randn(1, 2, 3, 8, generator=g), torch.randn(5, 2, 8, generator=g)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lamemo_ds.model import attention as eager
+from lamemo_ds.ops import attention as eager
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton picks interpreter or compiler when it is first imported, so the switch must come first.

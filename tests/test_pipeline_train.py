@@ -10,13 +10,13 @@ import pytest
 import torch
 from train_support import PY, RUNNER, env, free_port, losses, spawn, write_config
 
+from lamemo_ds.checkpoint.layer_map import logical_state_dict
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name
 from lamemo_ds.config.derive import World, resolve
 from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError
 from lamemo_ds.model import LaMemoLM
 from lamemo_ds.parallel.dist import Comm
-from lamemo_ds.parallel.pipeline_engine import logical_state_dict
 
 PIPE = {"pipeline_stages": 2, "zero_stage": 0}
 TRAIN = {"grad_accum": 2, "max_steps": 6}
@@ -102,7 +102,7 @@ def test_nan_loss_on_the_last_stage_skips_the_step_everywhere(data, tmp_path):
     for rank in (0, 1):
         st = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3,
                                comm=Comm()).load_rank_state(found, rank)
-        assert st["counters"]["skipped_total"] == 1
+        assert st["progress"]["skipped_total"] == 1
         slots = [slot for layer in st["memory"].values() for slot in layer.values()]
         assert slots and all(torch.isfinite(t.float()).all() for s in slots for t in s.values())
 

@@ -1,4 +1,5 @@
-"""Numerical parity with the authors' implementation through `from_reference` (SPEC §8)."""
+"""Numerical parity with the authors' implementation through `from_reference`
+(docs/algorithm.md §8)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lamemo_ds.checkpoint import from_reference, to_reference
+from lamemo_ds.convert import from_reference, to_reference
 from lamemo_ds.model import ModelConfig
 
 pytestmark = pytest.mark.unit

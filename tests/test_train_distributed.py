@@ -98,8 +98,9 @@ def test_signal_to_one_rank_and_nan_on_one_rank(data, tmp_path):
     assert found.step == 4
     for rank in (0, 1):
         st = mgr.load_rank_state(found, rank)
-        assert st["counters"]["skipped_total"] == 1
-        for slot in st["bank"]["slots"]:
+        assert st["progress"]["skipped_total"] == 1 and st["progress"]["step"] == 4
+        assert sorted(st["memory"]) == [0]  # one slot per micro-batch (grad_accum 1)
+        for slot in st["memory"].values():
             assert all(torch.isfinite(t.float()).all() for t in slot.values())
 
 

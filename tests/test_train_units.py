@@ -6,19 +6,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
 from lamemo_ds.config.schema import OptimConfig
-from lamemo_ds.model.memory import empty_state
+from lamemo_ds.model.bank import MemoryBank
+from lamemo_ds.model.memory import MemoryState, empty_state
 from lamemo_ds.parallel.dist import Comm, discover, expand_hostlist, slurm_job_id, slurm_port
 from lamemo_ds.parallel.engine import build_optimizer
-from lamemo_ds.train.schedule import lr_at
+from lamemo_ds.parallel.schedule import build_scheduler, lr_at
 from lamemo_ds.train.signals import StopFlag
-from lamemo_ds.train.state import StateBank
+from lamemo_ds.train.state import RNG, LRSchedule, Progress, rank_seed
 
 pytestmark = pytest.mark.unit
 
@@ -58,23 +61,34 @@ def test_cosine_schedule_reference():
     assert [lr_at(warm, step=s, total=8) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
 
 
-def _bank() -> StateBank:
-    return StateBank(2, lambda: empty_state("lamemo", batch_size=3, mem_len=4, n_layer=2,
-                                            d_model=8, n_head=2, d_head=4, dtype=torch.float32))
+def _state(fill: float, valid: list[int]) -> MemoryState:
+    s = empty_state("lamemo", batch_size=3, mem_len=4, n_layer=2, d_model=8, n_head=2, d_head=4,
+                    dtype=torch.float32)
+    return type(s)(valid=torch.tensor(valid), mem_len=4, emb=s.emb + fill, ctx=s.ctx, lse=s.lse)
 
 
-def test_state_bank_roundtrip_and_reset():
-    bank = _bank()
-    new = [type(s)(valid=torch.tensor([4, 2, 1]), mem_len=4, emb=s.emb + i, ctx=s.ctx,
-                   lse=s.lse) for i, s in enumerate(bank.states)]
-    bank.commit(new)
-    other = _bank()
+def test_memory_bank_commits_only_applied_steps_and_roundtrips():
+    bank = MemoryBank()
+    assert bank.get(0) is None
+    bank.put(0, _state(1.0, [4, 2, 1]))
+    bank.put(1, _state(2.0, [4, 4, 4]))
+    assert bank.get(0) is None  # pending until the step is settled
+    bank.settle(applied=False)  # a skipped step leaves the memory as it was
+    assert bank.get(0) is None and not bank.pending
+    bank.put(0, _state(1.0, [4, 2, 1]))
+    bank.put(1, _state(2.0, [4, 4, 4]))
+    bank.settle(applied=True)
+    bank.put(0, _state(9.0, [0, 0, 0]), training=False)  # evaluation: its own bank, at once
+    assert bank.get(0, training=False).emb.max() == 9.0 and bank.get(0).emb.max() == 1.0
+    other = MemoryBank()
     other.load_state_dict(bank.state_dict())
-    assert torch.equal(other.states[1].emb, bank.states[1].emb)
-    got = other.get(0, torch.tensor([True, False, False]))
-    assert got.valid.tolist() == [0, 2, 1]
-    with pytest.raises(ValueError, match="expected 2 slot states, got 3"):
-        other.commit(new + new[:1])
+    assert sorted(other.banks["train"]) == [0, 1] and other.get(1).mem_len == 4
+    assert torch.equal(other.get(1).emb, bank.get(1).emb)
+    assert other.get(0).reset(torch.tensor([True, False, False])).valid.tolist() == [0, 2, 1]
+    other.reset("train")
+    assert other.get(0) is None
+    with pytest.raises(ValueError, match="mode 'test'"):
+        other.reset("test")
 
 
 def test_stop_flag_only_records():
@@ -85,6 +99,39 @@ def test_stop_flag_only_records():
         assert flag.signum == signal.SIGUSR1
     finally:
         flag.restore()
+
+
+def test_training_state_pieces_are_stateful():
+    """RNG, Progress and LRSchedule save and restore themselves (the checkpoint's dict)."""
+    rng = RNG()
+    rng.seed(rank_seed(1111, rank=1))
+    saved = rng.state_dict()
+    first = (torch.rand(3), np.random.rand(), random.random())
+    rng.seed(5)
+    rng.load_state_dict(saved)
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    assert rank_seed(1111, rank=0) != rank_seed(1111, rank=1) != rank_seed(1111, rank=1, step=3)
+
+    progress = Progress(step=7, skipped_total=2, consecutive_skips=1)
+    other = Progress()
+    other.load_state_dict(progress.state_dict())
+    assert other.state_dict() == {"step": 7, "skipped_total": 2, "consecutive_skips": 1}
+
+    def schedule():
+        p = torch.nn.Parameter(torch.ones(1))
+        opt = build_optimizer([p], OptimConfig(lr=1.0, schedule="linear"), skip_nonfinite=False)
+        return LRSchedule(build_scheduler(opt, OptimConfig(lr=1.0, schedule="linear"),
+                                          total_steps=10)), opt
+
+    lr, opt = schedule()
+    lr.advance_to(4)  # a checkpoint written for step 4 (lamemo convert --to deepspeed --step 4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(OptimConfig(lr=1.0, schedule="linear"),
+                                                            step=4, total=10))
+    restored, opt2 = schedule()
+    restored.load_state_dict(lr.state_dict())  # another layout: the optimizer starts fresh
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.6)
+    assert restored.scheduler.last_epoch == 4
 
 
 def test_skipping_optimizer_leaves_params_on_nan():
@@ -109,8 +156,8 @@ def _save(mgr: CheckpointManager, step: int, payload: bytes = b"weights") -> Non
         with open(f"{folder}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
             f.write(payload + str(step).encode())
 
-    mgr.save(step, save_deepspeed=ds, rank_state={"step": step}, config_text="model: {}\n",
-             meta={"world_size": 1})
+    mgr.save(step, save_weights=ds, state={"progress": Progress(step=step)},
+             config_text="model: {}\n", meta={"world_size": 1})
 
 
 @pytest.mark.parametrize("phase", ["begin", "deepspeed", "rank_state", "manifest"])

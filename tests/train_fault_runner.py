@@ -16,8 +16,8 @@ import sys
 
 import torch
 
+from lamemo_ds.commands.train import train
 from lamemo_ds.parallel.dist import discover
-from lamemo_ds.train.main import train
 from lamemo_ds.train.trainer import Hooks
 
 

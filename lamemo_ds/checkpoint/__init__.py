@@ -1,5 +1,3 @@
-"""Checkpoints: atomic save/resume, conversion and reference import/export."""
-
-from .reference import from_reference, to_reference
-
-__all__ = ["from_reference", "to_reference"]
+"""Checkpoint I/O: atomic save and resume of training state (manager.py), the files DeepSpeed
+writes (deepspeed_io.py, layer_map.py) and consolidated model folders (safetensors_io.py).
+Conversion between formats builds on these in lamemo_ds/convert."""

@@ -1,4 +1,5 @@
-"""Reading DeepSpeed training checkpoints into one model (any ZeRO stage, any precision).
+"""Reading DeepSpeed training checkpoints into one state dict (any ZeRO stage, any precision,
+data-parallel or pipeline layout); convert/deepspeed.py builds the model from it.
 
 Weights come from the fp32 master copy wherever DeepSpeed keeps one (the ZeRO partitions of the
 optimizer files, merged by deepspeed.utils.zero_to_fp32), else from the module state of
@@ -9,7 +10,6 @@ with the name of the missing or bad file.
 
 from __future__ import annotations
 
-import re
 import zipfile
 from pathlib import Path
 
@@ -17,34 +17,14 @@ import torch
 from tqdm import tqdm
 
 from ..config.schema import ConfigError, RunConfig
-from .safetensors_io import CheckpointError, build_model
+from .layer_map import LAYER_MAP, logical_state_dict
+from .manager import DS_TAG, MANIFEST, locate, verify
+from .safetensors_io import CheckpointError
 
 MODEL_STATES_02 = "mp_rank_00_model_states.pt"
 MODEL_STATES_3 = "zero_pp_rank_{r}_mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
 RUN_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "training_config.yaml")
-_STEP = re.compile(r"^step-(\d+)$")
-DS_TAG = "deepspeed"
-
-
-def resolve_step_dir(path: Path) -> Path:
-    """A step folder itself, or the newest step-N under a checkpoints or run folder."""
-    if any(path.glob("*model_states.pt")) or (path / "deepspeed").is_dir():
-        return path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    latest = path / "latest"
-    if latest.is_file():
-        step = path / latest.read_text().strip()
-        if not step.is_dir():
-            raise CheckpointError(f"{latest} names {step.name!r}, which does not exist")
-        return step
-    steps = sorted((int(m.group(1)), p) for p in path.iterdir()
-                   if p.is_dir() and (m := _STEP.match(p.name)))
-    if not steps:
-        raise CheckpointError(f"{path} holds no DeepSpeed checkpoint (no *_model_states.pt, no "
-                              "`latest`, no step-N folder)")
-    return steps[-1][1]
 
 
 def ds_folder(step: Path) -> Path:
@@ -54,8 +34,6 @@ def ds_folder(step: Path) -> Path:
 
 def verify_manifest(step: Path) -> None:
     """Sizes and sha256 of every file against the manifest `lamemo train` writes last."""
-    from .manager import MANIFEST, verify
-
     if (step / MANIFEST).is_file() or (step / DS_TAG).is_dir():
         reason = verify(step)
         if reason is not None:
@@ -102,8 +80,6 @@ def _widen(module: dict, source: Path, quiet: bool) -> dict:
 
 def read_pipeline(ds: Path, quiet: bool = False) -> tuple[dict, str]:
     """A pipeline-parallel DeepSpeed folder (layer files + layer_map.json) -> LaMemoLM state."""
-    from ..parallel.pipeline_engine import LAYER_MAP, logical_state_dict
-
     files = sorted(ds.glob("layer_*-model_states.pt"))
     if not (ds / LAYER_MAP).is_file():
         raise CheckpointError(f"{ds}: pipeline layer files without {LAYER_MAP}: not written by "
@@ -138,18 +114,6 @@ def inspect(step: Path) -> dict:
             "masters": masters}
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Drop a wrapper prefix ('module.', 'model.', ...) so names match LaMemoLM's."""
-    if expected & set(sd):
-        return sd
-    for key in sd:
-        for name in expected:
-            if key.endswith("." + name):
-                prefix = key[: -len(name)]
-                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict:
     """Full-precision state dict of a verified step folder."""
     if not info["masters"]:
@@ -167,7 +131,9 @@ def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict
                               f"{e}") from e
 
 
-def _run_config(step: Path, given: RunConfig | None) -> RunConfig:
+def find_run_config(step: Path, given: RunConfig | None = None) -> RunConfig:
+    """The training config of a checkpoint: `given`, else the first of RUN_CONFIG_NAMES in the
+    step folder or up to two folders above it."""
     from ..config.load import load_config
 
     if given is not None:
@@ -180,15 +146,18 @@ def _run_config(step: Path, given: RunConfig | None) -> RunConfig:
                       f"{', '.join(RUN_CONFIG_NAMES)} in it and two folders up); pass --config")
 
 
-def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bool = False):
-    """A DeepSpeed checkpoint -> convert.Loaded with the fp32 model and the training config."""
-    from ..model import LaMemoLM
-    from .convert import Loaded
-    from .safetensors_io import tied_aliases
-
-    step = resolve_step_dir(path)
-    run_cfg = _run_config(step, run_config)
-    verify_manifest(step)
+def read_state_dict(path: str | Path, quiet: bool = False, *,
+                    check_manifest: bool = True) -> tuple[Path, dict, str]:
+    """(step folder, full-precision state dict, what was read) of the checkpoint `path` names
+    (a step folder, or the newest complete one of a run: checkpoint.manager.locate), every file
+    verified first (the manifest too unless `check_manifest` is False: checked already)."""
+    path = Path(path)
+    try:
+        step = locate(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    if step == path and check_manifest:  # locate verified a run's newest, not a named step
+        verify_manifest(step)
     ds = ds_folder(step)
     if any(ds.glob("layer_*-model_states.pt")):
         sd, what = read_pipeline(ds, quiet)
@@ -197,16 +166,4 @@ def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bo
         what = (f"ZeRO-{info['zero_stage']}, {info['world_size']} data-parallel rank(s), "
                 f"{len(info['files'])} file(s) verified")
         sd = consolidated_state_dict(step, info, quiet)
-    if not quiet:
-        print(f"read  {step}: {what}", flush=True)
-    with torch.device("meta"):
-        ref = LaMemoLM(run_cfg.model)
-    aliases = tied_aliases(ref)
-    sd = _strip_prefix(sd, set(ref.state_dict()))
-    sd = {k: v for k, v in sd.items() if k not in aliases}
-    model = build_model(run_cfg.model, sd, str(step), dtype=torch.float32)
-    data_dir = Path(run_cfg.data.path)
-    toks = sorted(data_dir.glob("tokenizer*.json")) if data_dir.is_dir() else []
-    notes = [] if toks else [f"no tokenizer found in data.path={data_dir}"]
-    return Loaded(model=model, source=str(step), run_config=run_cfg, tokenizer_files=toks,
-                  notes=notes)
+    return step, sd, what

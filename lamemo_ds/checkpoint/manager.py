@@ -3,14 +3,17 @@
 Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)::
 
     latest                     text file: the folder name of the newest complete checkpoint
+                               (for people and outside tools; lamemo itself finds the newest
+                               complete checkpoint with `newest_complete` / `locate` below)
     step-00000100/             one complete checkpoint (the step counts optimizer steps done)
       deepspeed/               engine.save_checkpoint(..., tag="deepspeed"): DeepSpeed's own files,
                                mp_rank_00_model_states.pt (key "module": the LaMemoLM state dict
                                with the model's own parameter names; under ZeRO-3 the weights
                                live in the zero_pp_rank_*_optim_states.pt partitions instead)
                                and zero_pp_rank_*_mp_rank_00_optim_states.pt (ZeRO 1-3)
-      lamemo/rank-00000.pt     per-rank state of our own: memory bank of every stream slot,
-                               stream-loader position, RNG of python/numpy/torch(/cuda), counters
+      lamemo/rank-00000.pt     per-rank training state, one dict of Stateful pieces by name
+                               (train/state.py: progress, streams, memory, rng, lr), each
+                               saved with its state_dict()
       config.yaml              the resolved run config (rebuild the model with
                                config.load.load_config(path).model)
       meta.json                step, world size, data-parallel size, precision, ZeRO stage, time
@@ -18,12 +21,12 @@ Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)
     step-00000100.tmp/         a checkpoint being written (never read; removed by the next save)
 
 Save (every rank calls it): rank 0 makes ``step-N.tmp``; DeepSpeed writes its files; each rank
-writes its own state (temp file + os.replace + fsync); rank 0 writes config, meta and the manifest,
-renames ``step-N.tmp`` to ``step-N``, then replaces ``latest`` atomically and deletes all but the
-newest `keep_last` complete checkpoints. A crash at any point leaves the previous complete
+writes its own training state (temp file + os.replace + fsync); rank 0 writes config, meta and the
+manifest, renames ``step-N.tmp`` to ``step-N``, then replaces ``latest`` atomically and deletes all
+but the newest `keep_last` complete checkpoints. A crash at any point leaves the previous complete
 checkpoint untouched. Resume picks the newest folder whose manifest verifies (sizes and sha256),
-says why it skipped any newer one, and all ranks use rank 0's choice. The folder must be on a
-file system every rank sees (as DeepSpeed's own checkpoints require).
+says why it skipped any newer one, and all ranks use rank 0's choice. The folder must be on a file
+system every rank sees (as DeepSpeed's own checkpoints require).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -50,6 +54,12 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class Stateful(Protocol):
+    """A piece of training state that saves and restores itself (torch's convention)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,6 +122,53 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def list_steps(root: Path) -> list[int]:
+    """Steps of all step-N folders under the checkpoints folder `root` (complete or not)."""
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+
+
+def newest_complete(root: Path, log: Callable[[str], None] = lambda msg: None) -> int | None:
+    """The step of the newest checkpoint under `root` whose manifest verifies (None: none);
+    every newer one skipped is reported to `log` with the reason. The one rule of "latest":
+    resume and every reader of a run folder use it."""
+    for step in reversed(list_steps(root)):
+        path = root / step_dir_name(step)
+        reason = verify(path)
+        if reason is None:
+            return step
+        log(f"checkpoint {path} skipped: {reason}; trying an older one")
+    return None
+
+
+def is_step_folder(path: Path) -> bool:
+    """A folder holding one checkpoint: DeepSpeed's files, or `lamemo train`'s deepspeed/."""
+    return any(path.glob("*model_states.pt")) or (path / DS_TAG).is_dir()
+
+
+def locate(path: str | Path, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The checkpoint folder `path` names: a step folder itself, else the newest complete
+    checkpoint under a checkpoints folder or a run folder (its checkpoints/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder, its "
+                                "checkpoints/ or one step-N/ folder)")
+    if is_step_folder(path):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    step = newest_complete(root, log)
+    if step is None:
+        found = [step_dir_name(s) for s in list_steps(root)]
+        raise FileNotFoundError(
+            f"{root} holds no complete checkpoint (" + (
+                f"{', '.join(found)} failed verification" if found else
+                "no step-N folder, no DeepSpeed files") + "); give a step-N folder or the run "
+            "folder of a finished `lamemo train`")
+    return root / step_dir_name(step)
+
+
 @dataclass(frozen=True)
 class Found:
     """A verified checkpoint chosen for resume."""
@@ -150,9 +207,14 @@ class CheckpointManager:
         self.on_phase = on_phase or (lambda name: None)
 
     # ------------------------------------------------------------------------- save
-    def save(self, step: int, *, save_deepspeed: Callable[[str, str], None], rank_state: dict,
-             config_text: str, meta: dict) -> Path:
-        """Write checkpoint `step` atomically (collective: every rank calls it)."""
+    def save(self, step: int, *, save_weights: Callable[[str, str], None],
+             state: Mapping[str, Stateful], config_text: str, meta: dict) -> Path:
+        """Write checkpoint `step` atomically (collective: every rank calls it).
+
+        save_weights(folder, tag) writes the engine's files into folder/tag; `state` is this
+        rank's training state, saved as {name: piece.state_dict()}.
+        """
+        rank_state = {name: piece.state_dict() for name, piece in state.items()}
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.comm.rank == 0:
@@ -161,7 +223,7 @@ class CheckpointManager:
             (tmp / "lamemo").mkdir(parents=True)
         self.comm.barrier()
         self.on_phase("begin")
-        save_deepspeed(str(tmp), DS_TAG)
+        save_weights(str(tmp), DS_TAG)
         self.on_phase("deepspeed")
         atomic_torch_save(rank_state, tmp / "lamemo" / f"rank-{self.comm.rank:05d}.pt")
         self.on_phase("rank_state")
@@ -195,23 +257,14 @@ class CheckpointManager:
     # ------------------------------------------------------------------------- resume
     def list_steps(self) -> list[int]:
         """Steps of all step-N folders (complete or not), ascending."""
-        if not self.root.is_dir():
-            return []
-        steps = [int(m.group(1)) for p in self.root.iterdir()
-                 if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-        return sorted(steps)
+        return list_steps(self.root)
 
     def find_latest(self) -> Found | None:
         """Newest verified checkpoint (rank 0 verifies, every rank gets its choice)."""
         chosen = -1
         if self.comm.rank == 0:
-            for step in reversed(self.list_steps()):
-                path = self.root / step_dir_name(step)
-                reason = verify(path)
-                if reason is None:
-                    chosen = step
-                    break
-                self.log(f"checkpoint {path} skipped: {reason}; trying an older one")
+            found = newest_complete(self.root, self.log)
+            chosen = -1 if found is None else found
         chosen = self.comm.broadcast_int(chosen)
         if chosen < 0:
             return None
@@ -220,4 +273,17 @@ class CheckpointManager:
 
     @staticmethod
     def load_rank_state(found: Found, rank: int) -> dict:
+        """The saved training state of `rank`: {name: state_dict} as written by save()."""
         return torch.load(found.rank_file(rank), map_location="cpu", weights_only=False)
+
+    def load_state(self, found: Found, rank: int, state: Mapping[str, Stateful],
+                   names: Iterable[str] | None = None) -> None:
+        """Restore the pieces `names` (default: all) of `state` from `rank`'s saved state."""
+        saved = self.load_rank_state(found, rank)
+        for name in (names if names is not None else state):
+            if name not in saved:
+                raise KeyError(f"{found.rank_file(rank)} holds no {name!r} state (it has "
+                               f"{sorted(saved)}): written by an older lamemo_ds? start from "
+                               "scratch with --no-resume, or convert its weights with "
+                               "`lamemo convert --to deepspeed`")
+            state[name].load_state_dict(saved[name])

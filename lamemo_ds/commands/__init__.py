@@ -1,1 +1,2 @@
-"""Subcommands of the `lamemo` CLI that do not belong to one subsystem."""
+"""The subcommands of the `lamemo` CLI, one module each with `add_arguments(parser)` and
+`run(args)` (tools/ runs some of them as standalone programs)."""

@@ -1,5 +1,7 @@
-"""`lamemo convert`: move a model between checkpoint formats.
+"""`lamemo convert` (and tools/convert_checkpoint.py): move a model between checkpoint formats
+and layouts. The formats and their readers and writers: lamemo_ds/convert/registry.py.
 
+    lamemo convert --from deepspeed runs/x --to consolidated out/   # the run's newest checkpoint
     lamemo convert --from deepspeed runs/x/checkpoints/step-1000 --to consolidated out/
     lamemo convert --from consolidated out/ --to hf out-hf/
     lamemo convert --from consolidated out/ --to deepspeed ckpt/ --set parallel.zero_stage=3
@@ -14,12 +16,15 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..checkpoint.convert import FORMATS_IN, FORMATS_OUT
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
+    from ..convert.registry import FORMATS, FORMATS_IN, FORMATS_OUT
 
+    formats = "; ".join(f"{name}: {f.help}" for name, f in FORMATS.items())
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN,
-                   help="format of the input")
-    p.add_argument("input", help="input checkpoint folder (or reference .pt file)")
+                   help=f"format of the input ({formats})")
+    p.add_argument("input", help="input: a run folder, its checkpoints/ or one step-N/ "
+                   "(deepspeed; a run stands for its newest complete checkpoint), a model folder "
+                   "(consolidated, hf), or reference.pt or its folder (reference)")
     p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS_OUT,
                    help="format of the output")
     p.add_argument("output", help="output folder (must not exist or be empty, unless --force)")
@@ -34,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--to deepspeed: processes of the new layout (default: "
                         "parallel.pipeline_stages x 1 data-parallel rank)")
     p.add_argument("--step", type=int, default=0,
-                   help="--to deepspeed: step number of the written checkpoint (default 0)")
+                   help="--to deepspeed: step number of the written checkpoint, where the LR "
+                   "schedule continues (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -53,8 +59,8 @@ def _configs(args):
 
 
 def run(args) -> int:
-    from ..checkpoint.convert import read_source, write_target
     from ..checkpoint.safetensors_io import CheckpointError, check_output, parse_dtype, parse_size
+    from ..convert.convert import read_source, write_target
 
     try:
         check_output(args.output, force=args.force)

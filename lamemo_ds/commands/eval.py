@@ -12,9 +12,9 @@ the memory gain loss(reset) - loss(carried); `carried` or `reset` runs one pass.
 corpus (`lamemo prepare --corpus recall`) the retrieval cost in bits per key symbol is reported
 too, next to log2(alphabet), the cost of a model that cannot see the key.
 
-Protocols (SPEC §6): `paper` evaluates with the training segment and memory lengths; `xl` with
-Transformer-XL's longer memory (flags, else the `eval:` section of the training config stored
-with the model). The result names the protocol and every length it used.
+Protocols (docs/algorithm.md §6): `paper` evaluates with the training segment and memory
+lengths; `xl` with Transformer-XL's longer memory (flags, else the `eval:` section of the
+training config stored with the model). The result names the protocol and every length it used.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def load_model(path: str, fmt: str):
     """(LaMemoLM in eval mode, training RunConfig or None) from any format eval accepts."""
     import torch
 
-    from ..checkpoint.convert import RUN_CONFIG_NAME, read_source
     from ..config.load import load_config
+    from ..convert.convert import RUN_CONFIG_NAME, read_source
 
     folder = Path(path)
     if fmt == "auto":
@@ -173,8 +173,8 @@ def _report(split: str, out: dict, s: dict, protocol: str) -> None:
 def run(args) -> int:
     import torch
 
-    from ..checkpoint.convert import record_eval
     from ..checkpoint.safetensors_io import CheckpointError
+    from ..convert.convert import record_eval
     from ..data.recall import recall_scorer
 
     if args.record and not (Path(args.model) / "config.json").is_file():

@@ -7,7 +7,7 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
 
     add_config_arguments(p)
     p.add_argument("--preset", help="a built-in model preset instead of --config "

@@ -7,7 +7,7 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
 
     add_config_arguments(p, required=True)
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

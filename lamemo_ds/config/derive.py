@@ -21,7 +21,7 @@ class World:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """The evaluation protocol after defaults are filled in (SPEC-lamemo.md §6)."""
+    """The evaluation protocol after defaults are filled in (docs/algorithm.md §6)."""
 
     protocol: str
     segment_len: int
@@ -76,15 +76,14 @@ def _eval_plan(cfg: RunConfig) -> EvalPlan:
 
 
 def resolve(cfg: RunConfig, world: World) -> Plan:
-    """Check every cross-section rule and derive the step plan; raises ConfigError naming keys."""
+    """Check every cross-section rule and derive the step plan; raises ConfigError naming keys.
+
+    The sections' own rules (e.g. ZeRO 2/3 cannot run with pipelines, ParallelConfig.validate)
+    are checked first, so a config built in code passes the same checks as a loaded one."""
+    cfg.validate()
     t, p = cfg.train, cfg.parallel
     if world.world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world.world_size}")
-    if p.pipeline_stages > 1 and p.zero_stage > 1:
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_stages="
-            f"{p.pipeline_stages}: DeepSpeed allows only ZeRO 0 or 1 with pipelines; use "
-            "zero_stage 0/1 with pipeline_stages > 1, or pipeline_stages=1 with ZeRO 2/3")
     if p.pipeline_stages > cfg.model.n_layer:
         raise ConfigError(
             f"parallel.pipeline_stages={p.pipeline_stages} exceeds model.n_layer="

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -132,14 +133,41 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+def bundled_configs() -> dict[str, Path]:
+    """name -> file of the run configs shipped with lamemo_ds: lamemo_ds/configs/ in an
+    installed wheel (setup.py copies them there), the repository's configs/ in a checkout."""
+    from importlib import resources
+
+    found: dict[str, Path] = {}
+    packaged = Path(str(resources.files("lamemo_ds") / "configs"))
+    root = Path(__file__).resolve().parents[2]  # the repository, when run from a checkout
+    checkout = root / "configs" if (root / "pyproject.toml").is_file() else packaged
+    for folder in (checkout, packaged):  # the packaged copy wins where both exist
+        for f in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found[f.stem] = f
+    return found
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file's path: `path` itself when it is a file, else the shipped config of that
+    name (`enwik8_base` or `enwik8_base.yaml`, see `bundled_configs`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = bundled_configs()
+    if p.parent == Path(".") and p.name.removesuffix(".yaml") in bundled:
+        return bundled[p.name.removesuffix(".yaml")]
+    raise ConfigError(f"config file {str(p)!r} does not exist; give a YAML file or the name of a "
+                      f"shipped config: {', '.join(sorted(bundled)) or '(none found)'}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> RunConfig:
-    """Load a YAML run config, apply `--set` overrides, build and validate it."""
+    """Load a YAML run config (a file, or a shipped config by name), apply `--set` overrides,
+    build and validate it."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        p = config_path(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -153,3 +181,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--config FILE and repeated --set key=value (shared by every config-taking command)."""
+    p.add_argument("--config", required=required, help="YAML run config: a file, or the name "
+                   "of a shipped one (configs/*.yaml, e.g. enwik8_base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")

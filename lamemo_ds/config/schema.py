@@ -1,8 +1,9 @@
 """The typed configuration tree.
 
-Every section is a frozen dataclass; the string under a field is its documentation (shown by
-`lamemo plan --help-config` and used in error messages). Sections validate themselves in
-`validate()`; values that need more than one section are derived once in `config.derive`.
+Every section is a frozen dataclass; the string under a field is its documentation (this file
+is the reference of every config key; the README's Configuration section points here). Sections
+validate themselves in `validate()`, each rule in one place; values that need more than one
+section are derived once in `config.derive`.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation protocol (SPEC-lamemo.md §6)."""
+    """Evaluation protocol (docs/algorithm.md §6)."""
 
     protocol: Literal["paper", "xl"] = "paper"
     """'paper': same N and mem_len as training; 'xl': the fields below (Transformer-XL)."""

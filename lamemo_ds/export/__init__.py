@@ -1,2 +1,2 @@
 """Files copied into Hugging Face export folders (configuration_lamemo.py, and hf_wrapper.py,
-which `checkpoint/hf_export.py` appends to a standalone copy of lamemo_ds/model)."""
+which `convert/hf.py` appends to a standalone copy of lamemo_ds/model)."""

@@ -1,5 +1,5 @@
 """The Hugging Face face of a LaMemo model: appended, at export time, to a standalone copy of
-lamemo_ds/model (see checkpoint/hf_export.py), so the exported modeling file needs only torch and
+lamemo_ds/model (see convert/hf.py), so the exported modeling file needs only torch and
 transformers. Inside lamemo_ds it imports the same classes from the package.
 
 `forward(input_ids, mems=None, labels=None)` takes and returns the memory state, so a text is

@@ -1,7 +1,7 @@
 """Adaptive input embeddings and adaptive softmax (Baevski & Auli; Transformer-XL's variant).
 
 With no cutoffs both are a plain embedding and a (tied) linear softmax with bias. Parameter
-layout follows the reference so checkpoints map one to one (checkpoint/keymap.py).
+layout follows the reference so checkpoints map one to one (convert/keymap.py).
 """
 
 from __future__ import annotations

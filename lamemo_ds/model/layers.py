@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..config.schema import ModelConfig
-from . import attention as attn_ops
+from ..ops import attention as attn_ops
+from ..ops import dispatch
 from .dropout import Dropout, relu_dropout
 from .linear import Linear
 from .memory import merge_lookahead
@@ -139,8 +140,6 @@ class DecoderLayer(nn.Module):
         return h + out if self.cfg.pre_lnorm else self.norm(h + out)
 
     def _causal(self, q, k, v, r_c, b: Biases, valid, mem_len, same_length):
-        from ..ops import dispatch  # local: ops imports model.attention
-
         return dispatch.causal_attention(
             q, k, v, r_c, b.u, b.v, valid=valid, mem_len=mem_len, same_length=same_length,
             dropatt=self.cfg.dropatt, training=self.training, impl=self.cfg.attention_impl)
@@ -177,9 +176,8 @@ class DecoderLayer(nn.Module):
 
     def _lamemo_tail(self, h, q, k, v, r_la, b: Biases, valid, o, lse_cur, ctx_old, lse_old,
                      *, need_mem_out: bool) -> LayerOut:
-        """Look-ahead attention, the merge, W_o / LN / FFN and the state update (SPEC §3-4)."""
-        from ..ops import dispatch
-
+        """Look-ahead attention, the merge, W_o / LN / FFN and the state update
+        (docs/algorithm.md §3-4)."""
         m = ctx_old.shape[1]
         n = o.shape[2]
         start, width = attn_ops.lookahead_window(mem_len=m, seg_len=n)

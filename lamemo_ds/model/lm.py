@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig
 from .adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from .dropout import Dropout
 from .layers import DecoderLayer, PositionBiases
-from .memory import MemoryState, empty_state, keep_last
-from .positional import SinusoidTable, causal_distances, lookahead_distances
+from .memory import MemoryState, empty_state
+from .positional import SinusoidTable
+from .step import layer_step, memory_kind, relative_positions
 
 
 @dataclass
@@ -62,7 +62,7 @@ class LaMemoLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference training script's init (SPEC §5)."""
+        """The reference training script's init (docs/algorithm.md §5)."""
         std, pstd = self.config.init_std, self.config.proj_init_std
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -98,12 +98,9 @@ class LaMemoLM(nn.Module):
     def position_table(self, *, mem_len: int, seg_len: int, clamp_len: int,
                        device, dtype) -> torch.Tensor:
         """[K (+X), d]: causal distances K-1..0, then the look-ahead ones (lamemo), dropped out."""
-        x = causal_distances(mem_len=mem_len, seg_len=seg_len, device=device, dtype=dtype)
-        if self.config.memory == "lamemo" and mem_len > 0:
-            la = lookahead_distances(self.config.variant, mem_len=mem_len, device=device,
-                                     dtype=dtype)
-            x = torch.cat([x, la])
-        return self.drop(self.pos_emb(x, clamp_len))
+        return relative_positions(memory_kind(self.config.memory, mem_len), self.pos_emb,
+                                  self.drop, variant=self.config.variant, mem_len=mem_len,
+                                  seg_len=seg_len, clamp_len=clamp_len, device=device, dtype=dtype)
 
     def forward(self, tokens: torch.Tensor, state: MemoryState | None = None,
                 targets: torch.Tensor | None = None, *, return_logits: bool | None = None,
@@ -114,47 +111,26 @@ class LaMemoLM(nn.Module):
         clamp = cfg.clamp_len if clamp_len is None else clamp_len
         same = cfg.same_length if same_length is None else same_length
         m, n = state.mem_len, tokens.shape[1]
+        kind = memory_kind(cfg.memory, m)  # how each layer reads and leaves its memory
         emb = self.drop(self.word_emb(tokens))  # [B, N, d]
         pos = self.position_table(mem_len=m, seg_len=n, clamp_len=clamp, device=emb.device,
                                   dtype=emb.dtype)
         biases = self.biases() if self.biases is not None else None
-        cur, alphas = emb, []
-        mem = state.emb if cfg.memory == "lamemo" else None
-        new_ctx, new_lse, new_hidden = [], [], []
+        flow, parts, alphas = kind.start(emb, state), [], []
+        recompute = self.activation_checkpointing and self.training
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if cfg.memory == "xl" and m > 0:
-                mem = state.hidden[i]
-                new_hidden.append(keep_last(mem, cur, m))
-            lam = cfg.memory == "lamemo" and m > 0
-            args = (cur, mem if m > 0 else None, pos, biases, state.valid,
-                    state.ctx[i] if lam else None, state.lse[i] if lam else None)
-            kwargs = dict(same_length=same, need_mem_out=i < len(self.layers) - 1)
-            if self.activation_checkpointing and self.training:
-                out = checkpoint(layer, *args, use_reentrant=False, **kwargs)
-            else:
-                out = layer(*args, **kwargs)
-            cur = out.cur
-            if lam:
-                mem = out.mem
-                new_ctx.append(out.ctx)
-                new_lse.append(out.lse)
-                alphas.append(out.alpha)
-        hidden = self.drop(cur)
-        new_state = self._next_state(state, emb, n, new_ctx, new_lse, new_hidden)
-        out = LMOutput(state=new_state, alpha=alphas)
+            flow, part, alpha = layer_step(kind, layer, flow, kind.layer_memory(state, i),
+                                           pos=pos, biases=biases, valid=state.valid,
+                                           same_length=same, last=i == last, recompute=recompute)
+            parts.append(part)
+            if alpha is not None:
+                alphas.append(alpha)
+        hidden = self.drop(flow.cur)
+        out = LMOutput(state=kind.next_state(state, emb, parts), alpha=alphas)
         if targets is not None:
             out.nll = self.crit.nll(hidden, targets)
             out.loss = out.nll.mean()
         if return_logits or (return_logits is None and targets is None):
             out.logits = self.crit.log_probs(hidden)
         return out
-
-    def _next_state(self, state: MemoryState, emb, n, ctx, lse, hidden) -> MemoryState:
-        m = state.mem_len
-        if m == 0:
-            return state
-        valid = torch.clamp(state.valid + n, max=m)
-        if self.config.memory == "xl":
-            return MemoryState(valid=valid, mem_len=m, hidden=tuple(hidden))
-        return MemoryState(valid=valid, mem_len=m, emb=keep_last(state.emb, emb, m),
-                           ctx=tuple(ctx), lse=tuple(lse))

@@ -1,4 +1,5 @@
-"""Recurrent memory carried between segments, and the exact look-ahead merge (SPEC §1, §3, §4).
+"""Recurrent memory carried between segments, and the exact look-ahead merge
+(docs/algorithm.md §1, §3, §4).
 
 The state has a fixed buffer length M (its one source of truth for mem_len) and a per-stream
 count `valid` of real rows (the last `valid` rows), so shapes never change between segments.
@@ -45,12 +46,21 @@ class MemoryState:
                 out[f"{name}.{i}"] = t
         return out
 
+    def fits(self, batch: int, mem_len: int) -> bool:
+        """True when this state has the shapes a batch of `batch` streams with a memory of
+        `mem_len` rows needs."""
+        return self.batch_size == batch and self.mem_len == mem_len
+
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], mem_len: int) -> MemoryState:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor],
+                     mem_len: int | None = None) -> MemoryState:
+        """The inverse of `tensors()`; mem_len defaults to the buffers' length (0 without any)."""
         def seq(name: str) -> tuple[torch.Tensor, ...]:
             keys = sorted((k for k in tensors if k.startswith(name + ".")),
                           key=lambda k: int(k.split(".")[1]))
             return tuple(tensors[k] for k in keys)
+        if mem_len is None:
+            mem_len = next((t.shape[1] for k, t in tensors.items() if k != "valid"), 0)
         return cls(valid=tensors["valid"], mem_len=mem_len, emb=tensors.get("emb"),
                    ctx=seq("ctx"), lse=seq("lse"), hidden=seq("hidden"))
 
@@ -89,7 +99,7 @@ def empty_state(kind: str, *, batch_size: int, mem_len: int, n_layer: int, d_mod
 
 def merge_lookahead(ctx_old: torch.Tensor, lse_old: torch.Tensor, e: torch.Tensor,
                     lse_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact merge of two softmaxes over disjoint key sets (SPEC §3).
+    """Exact merge of two softmaxes over disjoint key sets (docs/algorithm.md §3).
 
     ctx_old [.., D] and lse_old [..] are constants; e and lse_new carry gradient.
     alpha = e^{lse_old} / (e^{lse_old} + e^{lse_new} + eps) computed stably; returns

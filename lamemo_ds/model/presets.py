@@ -1,4 +1,4 @@
-"""Reference model shapes (SPEC-lamemo.md §6) and a tiny debug model."""
+"""Reference model shapes (docs/algorithm.md §6) and a tiny debug model."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..model import attention as eager
+from . import attention as eager
 
 _warned: set[str] = set()
 
@@ -74,7 +74,7 @@ def _pick(name: str, impl: str, q, *, dropatt: float, training: bool):
 
 def causal_attention(q, k, v, r, u, vb, *, valid, mem_len, same_length, dropatt, training,
                      impl="auto"):
-    """Causal relative attention (SPEC §2) through the chosen implementation."""
+    """Causal relative attention (docs/algorithm.md §2) through the chosen implementation."""
     fn = _pick("causal_rel_attention", impl, q, dropatt=dropatt, training=training)
     return fn(q, k, v, r, u, vb, valid=valid, mem_len=mem_len, same_length=same_length,
               dropatt=dropatt, training=training)
@@ -82,7 +82,7 @@ def causal_attention(q, k, v, r, u, vb, *, valid, mem_len, same_length, dropatt,
 
 def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len, window_start, variant, dropatt,
                         training, impl="auto"):
-    """Look-ahead attention (SPEC §3) through the chosen implementation."""
+    """Look-ahead attention (docs/algorithm.md §3) through the chosen implementation."""
     fn = _pick("lookahead_attention", impl, q, dropatt=dropatt, training=training)
     return fn(q, k, v, r, u, vb, valid=valid, mem_len=mem_len, window_start=window_start,
               variant=variant, dropatt=dropatt, training=training)

@@ -1,6 +1,6 @@
 """Fused Triton attention for LaMemo's two branches, with the eager functions' exact contract.
 
-Both public functions take and return what their namesakes in lamemo_ds/model/attention.py do
+Both public functions take and return what their namesakes in lamemo_ds/ops/attention.py do
 (q/k/v [B,H,T,D], r [X,H,D], u/vb [H,D], valid [B] int64) and are differentiable in q, k, v, r,
 u and vb, including through the returned logsumexp (the look-ahead merge uses it). The kernels
 (_rel_kernels.py) never write an [N, M+N] matrix: memory is O(B·H·T·D) in both directions.
@@ -298,7 +298,7 @@ def causal_rel_attention(
     dropatt: float = 0.0,
     training: bool = False,
 ):
-    """Fused causal attention of the current rows over [memory ; current] (SPEC §2).
+    """Fused causal attention of the current rows over [memory ; current] (docs/algorithm.md §2).
 
     Same contract as model.attention.causal_rel_attention: q [B,H,N,D], k/v [B,H,M+N,D],
     r [M+N,H,D] (distances K-1..0), u/vb [H,D]; returns o [B,H,N,D], lse [B,H,N] fp32.
@@ -325,7 +325,7 @@ def lookahead_attention(
     dropatt: float = 0.0,
     training: bool = False,
 ):
-    """Fused look-ahead attention of the memory rows over their window (SPEC §3).
+    """Fused look-ahead attention of the memory rows over their window (docs/algorithm.md §3).
 
     Same contract as model.attention.lookahead_attention: q [B,H,M,D], k/v [B,H,W,D] (buffer
     positions window_start..), r [X,H,D] the look-ahead table; returns e [B,H,M,D], lse [B,H,M].

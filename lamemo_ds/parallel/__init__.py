@@ -1,1 +1,2 @@
-"""Process groups and the DeepSpeed engine: everything that knows the model is distributed."""
+"""Process groups, the DeepSpeed engines with their optimizer and LR schedule, and the pipeline
+stages: everything that knows the model is distributed."""

@@ -14,7 +14,7 @@ import torch
 from ..config.deepspeed import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import OptimConfig, RunConfig
-from ..train.schedule import build_scheduler
+from .schedule import build_scheduler
 
 
 def _grads_finite(params) -> bool:

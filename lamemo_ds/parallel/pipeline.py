@@ -12,13 +12,15 @@ weights and share parameter names):
 - BiasStage carries the layer-shared biases u, v, v' (TiedLayerSpec "biases", one per stage);
   it passes activations through and the stage's DecoderStages read it. With model.untie_r every
   layer owns its biases and there is no BiasStage.
-- DecoderStage(i) runs DecoderLayer i with its own memory (ctx/lse or the XL hidden) taken from
-  its per-slot bank, optionally under non-reentrant activation checkpointing with the old state
-  as an explicit argument.
+- DecoderStage(i) runs DecoderLayer i through the model's own per-layer step
+  (model/step.py: `layer_step` with the strategy of the memory kind) with the layer's memory part
+  (ctx/lse or the XL hidden) taken from its per-slot bank; the stages only place the layers.
 
 Between stages flows exactly one float tensor with gradient, h [B, M+N, d] (lamemo: the
 refreshed memory rows, then the current rows; xl/none: [B, N, d], their memory is stage-local)
 and meta [B, 2] int64 = (slot, valid memory rows). Position tables are recomputed per layer.
+Every stage module keeps its memory in a model.bank.MemoryBank; `StageMemory` makes the banks of
+this rank one Stateful (checkpoints, commit or drop after a step, reset).
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig
 from ..model import LaMemoLM
+from ..model.bank import MemoryBank
 from ..model.dropout import Dropout
-from ..model.memory import empty_state, keep_last
+from ..model.memory import MemoryState, empty_state
 from ..model.positional import SinusoidTable
-from .pipeline_state import SlotBank, fits
+from ..model.step import layer_step, memory_kind, relative_positions
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,13 @@ class ModelSource:
         self.model = None
 
 
-def _empty(cfg: ModelConfig, *, batch: int, mem_len: int, like: torch.Tensor):
-    return empty_state(cfg.memory, batch_size=batch, mem_len=mem_len, n_layer=1,
+def _slot_state(bank: MemoryBank, slot: int, cfg: ModelConfig, *, training: bool, n_layer: int,
+                batch: int, mem_len: int, like: torch.Tensor) -> MemoryState:
+    """The banked state of `slot`, or an empty one (never written, or of another shape)."""
+    st = bank.get(slot, training=training)
+    if st is not None and st.fits(batch, mem_len):
+        return st
+    return empty_state(cfg.memory, batch_size=batch, mem_len=mem_len, n_layer=n_layer,
                        d_model=cfg.d_model, n_head=cfg.n_head, d_head=cfg.d_head,
                        dtype=like.dtype, device=like.device)
 
@@ -94,7 +101,7 @@ class IOStage(nn.Module):
         self.word_emb = source.take("word_emb")
         self.crit = source.take("crit")
         self.drop = Dropout(ctx.cfg.dropout)
-        self.bank = SlotBank()
+        self.bank = MemoryBank()
         self.ctx = ctx
 
     def forward(self, x: tuple[torch.Tensor, torch.Tensor]):
@@ -105,21 +112,15 @@ class IOStage(nn.Module):
     def embed(self, tokens: torch.Tensor, ctrl: torch.Tensor):
         """tokens [B, N] int64; ctrl [B, 2] int64 = (slot, reset) -> (h [B, M+N, d], meta)."""
         cfg, w = self.ctx.cfg, self.ctx.window(self.training)
-        b, n = tokens.shape
+        kind = memory_kind(cfg.memory, w.mem_len)
         slot = int(ctrl[0, 0])
         emb = self.drop(self.word_emb(tokens))  # [B, N, d]
-        st = self.bank.get(self.training, slot)
-        if not fits(st, batch=b, mem_len=w.mem_len):
-            st = _empty(cfg, batch=b, mem_len=w.mem_len, like=emb).tensors()
-        valid = torch.where(ctrl[:, 1].bool(), torch.zeros_like(st["valid"]), st["valid"])
-        h = emb
-        new = {"valid": torch.clamp(valid + n, max=w.mem_len)}
-        if cfg.memory == "lamemo" and w.mem_len > 0:
-            h = torch.cat([st["emb"], emb], 1)  # [B, M+N, d]
-            new["emb"] = keep_last(st["emb"], emb, w.mem_len)
-        self.bank.put(self.training, slot, new)
-        meta = torch.stack([torch.full_like(valid, slot), valid], 1)  # [B, 2]
-        return h, meta
+        st = _slot_state(self.bank, slot, cfg, training=self.training, n_layer=0,
+                         batch=tokens.shape[0], mem_len=w.mem_len, like=emb)
+        st = st.reset(ctrl[:, 1].bool())
+        self.bank.put(slot, kind.next_state(st, emb, []), training=self.training)
+        meta = torch.stack([torch.full_like(st.valid, slot), st.valid], 1)  # [B, 2]
+        return kind.pack(kind.start(emb, st)), meta
 
 
 class BiasStage(nn.Module):
@@ -141,45 +142,35 @@ class DecoderStage(nn.Module):
         self.layer = source.take(f"layers.{index}")
         self.index = index
         self.last = index == ctx.cfg.n_layer - 1
-        self.config = ctx.cfg  # position_table() reads config, pos_emb and drop
         self.pos_emb = SinusoidTable(ctx.cfg.d_model)
         self.drop = Dropout(ctx.cfg.dropout)
-        self.bank = SlotBank()
+        self.bank = MemoryBank()
         self.ctx = ctx
 
     def forward(self, x: tuple[torch.Tensor, torch.Tensor]):
         h, meta = x  # h [B, M+N, d] (lamemo) or [B, N, d]; meta [B, 2]
         cfg, w = self.ctx.cfg, self.ctx.window(self.training)
         m, slot, valid = w.mem_len, int(meta[0, 0]), meta[:, 1]
-        b = h.shape[0]
-        lam, xl = cfg.memory == "lamemo" and m > 0, cfg.memory == "xl" and m > 0
-        cur = h[:, m:] if lam else h  # [B, N, d]
-        st = self.bank.get(self.training, slot)
-        if (lam or xl) and not fits(st, batch=b, mem_len=m):
-            st = {k.split(".")[0]: v for k, v in _empty(cfg, batch=b, mem_len=m, like=h)
-                  .tensors().items()}
-        mem = h[:, :m] if lam else (st["hidden"] if xl else None)  # [B, M, d]
-        pos = LaMemoLM.position_table(self, mem_len=m, seg_len=cur.shape[1],
-                                      clamp_len=w.clamp_len, device=h.device, dtype=h.dtype)
+        kind = memory_kind(cfg.memory, m)
+        flow = kind.unpack(h, m)
+        st = _slot_state(self.bank, slot, cfg, training=self.training, n_layer=1,
+                         batch=h.shape[0], mem_len=m, like=h)
+        pos = relative_positions(kind, self.pos_emb, self.drop, variant=cfg.variant, mem_len=m,
+                                 seg_len=flow.cur.shape[1], clamp_len=w.clamp_len,
+                                 device=h.device, dtype=h.dtype)
         biases = self.ctx.biases() if self.ctx.biases is not None else None
-        args = (cur, mem, pos, biases, valid, st["ctx"] if lam else None,
-                st["lse"] if lam else None)
-        kwargs = dict(same_length=w.same_length, need_mem_out=not self.last)
-        if self.ctx.activation_checkpointing and self.training:
-            out = checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
-        else:
-            out = self.layer(*args, **kwargs)
-        if lam:
-            self.bank.put(self.training, slot, {"ctx": out.ctx, "lse": out.lse})
-            if self.training:
-                total, count = self.ctx.alpha_sums.get(self.index, (0.0, 0))
-                alpha = out.alpha.detach().double()  # stays on the device: no host sync here
-                self.ctx.alpha_sums[self.index] = (alpha + total, count + 1)
-        elif xl:
-            self.bank.put(self.training, slot, {"hidden": keep_last(mem, cur, m)})
-        if lam and not self.last:
-            return torch.cat([out.mem, out.cur], 1), meta  # [B, M+N, d]
-        return out.cur, meta
+        flow, part, alpha = layer_step(
+            kind, self.layer, flow, kind.layer_memory(st, 0), pos=pos, biases=biases,
+            valid=valid, same_length=w.same_length, last=self.last,
+            recompute=self.ctx.activation_checkpointing and self.training)
+        new = kind.layer_state(valid, m, part)
+        if new is not None:
+            self.bank.put(slot, new, training=self.training)
+        if alpha is not None and self.training:
+            total, count = self.ctx.alpha_sums.get(self.index, (0.0, 0))
+            alpha = alpha.detach().double()  # stays on the device: no host sync here
+            self.ctx.alpha_sums[self.index] = (alpha + total, count + 1)
+        return kind.pack(flow), meta
 
 
 def stage_layout(n_layer: int, stages: int) -> list[int]:
@@ -309,7 +300,7 @@ class LaMemoPipe(PipelineModule):
         return out
 
     # -- memory -----------------------------------------------------------------------------
-    def local_banks(self) -> dict[int, SlotBank]:
+    def local_banks(self) -> dict[int, MemoryBank]:
         """Global layer-list index -> bank of every stage module on this rank that has one."""
         out = {}
         for i, f in enumerate(self.forward_funcs):
@@ -317,28 +308,48 @@ class LaMemoPipe(PipelineModule):
                 out[self._local_start + i] = f.bank
         return out
 
-    def commit_memory(self, applied: bool) -> None:
-        """Keep the memory of a step that was applied; drop it when the step was skipped."""
-        for bank in self.local_banks().values():
-            bank.commit() if applied else bank.discard()
+    @property
+    def memory(self) -> StageMemory:
+        """This rank's stage memory as one Stateful (see StageMemory)."""
+        return StageMemory(self)
 
     def reset_memory(self, mode: str) -> None:
-        for bank in self.local_banks().values():
-            bank.reset(mode)
-
-    def memory_state_dict(self) -> dict:
-        return {idx: bank.state_dict() for idx, bank in self.local_banks().items()}
-
-    def load_memory_state_dict(self, d: dict, device: torch.device) -> None:
-        banks = self.local_banks()
-        if set(d) != set(banks):
-            raise ValueError(f"memory for layers {sorted(d)} does not match this stage's "
-                             f"layers {sorted(banks)}")
-        for idx, bank in banks.items():
-            bank.load_state_dict(d[idx], device)
+        """Forget the memory of every slot of `mode` ("train" or "eval") on this rank."""
+        self.memory.reset(mode)
 
     # -- names ------------------------------------------------------------------------------
-    def layer_map(self) -> dict[str, dict]:
-        """layer file index -> the logical (LaMemoLM) names of its parameters (checkpoints)."""
-        return {f"{i:02d}": {"kind": e.kind, "logical": e.logical, "local_prefix": e.local_prefix,
-                             "stage": self.stage_owner(i)} for i, e in enumerate(self.entries)}
+    def layer_map(self) -> dict:
+        """What checkpoint/layer_map.py writes: the stages, their boundaries, and per layer file
+        index the logical (LaMemoLM) names of its parameters."""
+        layers = {f"{i:02d}": {"kind": e.kind, "logical": e.logical,
+                               "local_prefix": e.local_prefix, "stage": self.stage_owner(i)}
+                  for i, e in enumerate(self.entries)}
+        return {"pipeline_stages": self.num_stages, "parts": list(self.parts), "layers": layers}
+
+
+class StageMemory:
+    """The memory banks of this rank's stage modules as one Stateful: layer index -> bank."""
+
+    def __init__(self, pipe: LaMemoPipe):
+        self.banks = pipe.local_banks()
+        self.device = next(pipe.parameters()).device
+
+    def settle(self, applied: bool) -> None:
+        """Keep the memory of a step that was applied; drop it when the step was skipped."""
+        for bank in self.banks.values():
+            bank.settle(applied)
+
+    def reset(self, mode: str = "train") -> None:
+        for bank in self.banks.values():
+            bank.reset(mode)
+
+    def state_dict(self) -> dict:
+        return {idx: bank.state_dict() for idx, bank in self.banks.items()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if set(d) != set(self.banks):
+            raise ValueError(f"memory for layers {sorted(d)} does not match this stage's "
+                             f"layers {sorted(self.banks)}")
+        for idx, bank in self.banks.items():
+            bank.device = self.device
+            bank.load_state_dict(d[idx])

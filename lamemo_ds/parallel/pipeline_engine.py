@@ -10,21 +10,16 @@ loader position identical on every rank for checkpoints).
 
 from __future__ import annotations
 
-import glob
-import json
-from pathlib import Path
-
 import torch
 
+from ..checkpoint.layer_map import rename_keys
 from ..config.deepspeed import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import RunConfig
 from ..model import LaMemoLM
-from ..train.schedule import build_scheduler
 from .engine import EngineBundle, build_optimizer
 from .pipeline import LaMemoPipe, Window
-
-LAYER_MAP = "layer_map.json"
+from .schedule import build_scheduler
 
 
 def windows(cfg: RunConfig, plan: Plan) -> tuple[Window, Window]:
@@ -44,12 +39,10 @@ def build_pipe(model: LaMemoLM, cfg: RunConfig, plan: Plan) -> LaMemoPipe:
 
 def build_pipeline_engine(model: LaMemoLM, cfg: RunConfig, plan: Plan, *,
                           cuda: bool) -> EngineBundle:
-    """deepspeed.initialize over the pipeline stages (ZeRO 0/1; the config check rejects 2/3)."""
+    """deepspeed.initialize over the pipeline stages (ZeRO 0/1: ParallelConfig.validate, which
+    config.derive.resolve runs for every plan, rejects 2/3)."""
     import deepspeed
 
-    if plan.zero_stage > 1:
-        raise ValueError(f"ZeRO stage {plan.zero_stage} cannot run with pipeline_stages="
-                         f"{plan.pp_size}: use parallel.zero_stage 0 or 1")
     pipe = build_pipe(model, cfg, plan)
     ds_cfg = deepspeed_config(cfg, plan)
     plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
@@ -88,55 +81,11 @@ def train_batch(engine, items: list) -> tuple[float, bool]:
     flag = torch.tensor([0.0 if engine.was_step_applied() else 1.0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     applied = flag.item() == 0.0
-    pipe.commit_memory(applied)
+    pipe.memory.settle(applied)
     return float(loss), applied
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def write_layer_map(pipe: LaMemoPipe, ds_dir: str | Path) -> Path:
-    """layer_map.json beside DeepSpeed's layer files: file index -> logical parameter names."""
-    path = Path(ds_dir) / LAYER_MAP
-    data = {"pipeline_stages": pipe.num_stages, "parts": list(pipe.parts),
-            "layers": pipe.layer_map()}
-    path.write_text(json.dumps(data, indent=1))
-    return path
-
-
-def _rename(sd: dict, *, local_prefix: str, logical: str) -> dict:
-    if not local_prefix:
-        return dict(sd)
-    cut = len(local_prefix) + 1
-    return {f"{logical}.{k[cut:]}": v for k, v in sd.items()}
-
-
-def logical_state_dict(ds_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The LaMemoLM state dict from a DeepSpeed checkpoint folder of either layout.
-
-    Pipeline layout: every layer file renamed through layer_map.json (word_emb from the first
-    stage's IOStage, crit from the last one's). Data-parallel layout: mp_rank_00's "module".
-    """
-    ds_dir = Path(ds_dir)
-    if not (ds_dir / LAYER_MAP).is_file():
-        files = sorted(ds_dir.glob("mp_rank_00_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{ds_dir}: neither {LAYER_MAP} nor "
-                                    "mp_rank_00_model_states.pt; not a lamemo checkpoint")
-        return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    layers = json.loads((ds_dir / LAYER_MAP).read_text())["layers"]
-    io = [k for k, e in layers.items() if e["kind"] == "io"]
-    out: dict[str, torch.Tensor] = {}
-    for key, e in layers.items():
-        files = sorted(glob.glob(str(ds_dir / f"layer_{key}-*model_states.pt")))
-        if not files:
-            raise FileNotFoundError(f"{ds_dir}: layer file layer_{key}-*model_states.pt missing")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)
-        if e["kind"] == "io":
-            keep = "word_emb." if key == io[0] else "crit."
-            sd = {k: v for k, v in sd.items() if k.startswith(keep)}
-        out.update(_rename(sd, local_prefix=e["local_prefix"], logical=e["logical"]))
-    return out
-
-
 def load_logical(pipe: LaMemoPipe, state: dict[str, torch.Tensor]) -> None:
     """Load a LaMemoLM state dict into this rank's stage modules (any source layout)."""
     for i, f in enumerate(pipe.forward_funcs):
@@ -144,7 +93,8 @@ def load_logical(pipe: LaMemoPipe, state: dict[str, torch.Tensor]) -> None:
             continue
         e = pipe.entries[pipe._local_start + i]
         own = f.state_dict()
-        mapped = _rename({k: None for k in own}, local_prefix=e.local_prefix, logical=e.logical)
+        mapped = rename_keys({k: None for k in own}, local_prefix=e.local_prefix,
+                             logical=e.logical)
         names = dict(zip(own, mapped))
         missing = [logical for logical in names.values() if logical not in state]
         if missing:

@@ -1,1 +1,2 @@
-"""The training loop: trainer, schedules, state banks, metrics, signals and the `train` command."""
+"""The training loop: the trainer, its parallel strategies (data, pipeline), the Stateful training
+state, metrics and signals (the `train` command is commands/train.py)."""

@@ -71,7 +71,7 @@ class Metrics:
         return self.out_dir / "tensorboard"
 
     def score(self, loss: float) -> float:
-        """ppl = exp(loss) or bpc = loss / ln 2 (SPEC §6)."""
+        """ppl = exp(loss) or bpc = loss / ln 2 (docs/algorithm.md §6)."""
         return loss / math.log(2) if self.unit == "bpc" else math.exp(min(loss, 700.0))
 
     def text(self, tag: str, body: str) -> None:

@@ -1,49 +1,113 @@
-"""State banks: the memory of every stream slot, kept outside the DeepSpeed engine.
+"""The training state, each piece Stateful (`state_dict()` / `load_state_dict(d)`).
 
-Slot m holds the MemoryState of the streams that micro-batch m of every step carries. Training
-and evaluation use separate banks, so an evaluation never disturbs the training memory.
+A checkpoint saves, per rank, one dict of them (checkpoint.manager.CheckpointManager.save):
+
+    progress  Progress          optimizer steps done, skipped steps in total and in a row
+    streams   OrderedStreams    every stream's position (data/streams.py)
+    memory    MemoryBank        the memory of every stream slot (model/bank.py), or StageMemory,
+                                the banks of a pipeline stage (parallel/pipeline.py)
+    rng       RNG               python, numpy, torch (and cuda) generators of this rank
+    lr        LRSchedule        the learning-rate schedule's position
+
+`training_state` (train/trainer.py) builds that dict for the trainer and for `lamemo convert
+--to deepspeed` alike.
 """
 
 from __future__ import annotations
 
+import random
+import warnings
+
+import numpy as np
 import torch
 
-from ..model.memory import MemoryState
+# Rank r's dropout (and every other random draw of training) is seeded with
+# seed + DROPOUT_SEED_STRIDE * (r + 1): a prime stride keeps ranks apart from each other and
+# from the parameter seed. After a resume into another layout the step is added as well.
+DROPOUT_SEED_STRIDE = 7919
 
 
-class StateBank:
-    """One MemoryState per micro-batch slot, with checkpointable state."""
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s random draws (dropout); `step` after a change of layout."""
+    return seed + DROPOUT_SEED_STRIDE * (rank + 1) + step
 
-    def __init__(self, slots: int, make_state):
-        """`make_state()` returns an empty MemoryState for one slot (right dtype and device)."""
-        self.make_state = make_state
-        self.states: list[MemoryState] = [make_state() for _ in range(slots)]
 
-    def __len__(self) -> int:
-        return len(self.states)
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (every device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
-    def get(self, slot: int, reset: torch.Tensor) -> MemoryState:
-        """The memory of `slot` with streams flagged in reset [rows] forgotten."""
-        return self.states[slot].reset(reset)
 
-    def commit(self, new_states: list[MemoryState]) -> None:
-        """Replace every slot at once (called only for a step that was applied)."""
-        if len(new_states) != len(self.states):
-            raise ValueError(f"expected {len(self.states)} slot states, got {len(new_states)}")
-        self.states = [s.detach() for s in new_states]
+class RNG:
+    """The random generators of this process: python, numpy, torch and, with CUDA, every GPU's."""
 
-    def reset_all(self) -> None:
-        self.states = [self.make_state() for _ in self.states]
+    def seed(self, seed: int) -> None:
+        seed_all(seed)
 
     def state_dict(self) -> dict:
-        return {"mem_len": [s.mem_len for s in self.states],
-                "slots": [{k: v.detach().cpu() for k, v in s.tensors().items()}
-                          for s in self.states]}
+        st = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        random.setstate(st["python"])
+        np.random.set_state(st["numpy"])
+        torch.set_rng_state(st["torch"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Progress:
+    """Optimizer steps done (`step`), steps skipped for a non-finite loss or gradient in all
+    (`skipped_total`) and in a row (`consecutive_skips`), and the wall time spent in training
+    steps, evaluations excluded (`train_seconds`: equal-time comparisons of runs)."""
+
+    FIELDS = ("step", "skipped_total", "consecutive_skips")
+
+    def __init__(self, step: int = 0, skipped_total: int = 0, consecutive_skips: int = 0,
+                 train_seconds: float = 0.0):
+        self.step = step
+        self.skipped_total = skipped_total
+        self.consecutive_skips = consecutive_skips
+        self.train_seconds = train_seconds
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.FIELDS}, "train_seconds": self.train_seconds}
 
     def load_state_dict(self, d: dict) -> None:
-        if len(d["slots"]) != len(self.states):
-            raise ValueError(f"state bank has {len(self.states)} slots but the checkpoint has "
-                             f"{len(d['slots'])}")
-        ref = self.states[0].valid.device
-        self.states = [MemoryState.from_tensors({k: v.to(ref) for k, v in t.items()}, m)
-                       for t, m in zip(d["slots"], d["mem_len"])]
+        for k in self.FIELDS:
+            setattr(self, k, int(d[k]))
+        self.train_seconds = float(d.get("train_seconds", 0.0))
+
+
+class LRSchedule:
+    """The position of a learning-rate scheduler (a LambdaLR over parallel.schedule.lr_at).
+
+    Loading also sets the optimizer's learning rates, so a resumed step uses the rate of its
+    step even where the optimizer state was not restored (another layout: moments restarted).
+    """
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scheduler.load_state_dict(d)
+        self._apply()
+
+    def advance_to(self, step: int) -> None:
+        """Put the schedule at optimizer step `step` (a checkpoint written for that step)."""
+        self.scheduler.last_epoch = step - 1
+        with warnings.catch_warnings():  # "step() before optimizer.step()": no step has run
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr

@@ -1,23 +1,26 @@
 """The training loop: one optimizer step = one segment of every stream.
 
 Each rank owns micro_batch × grad_accum streams; micro-batch m of every step carries the same
-streams (slot m of the state bank), so every stream's memory continues its own text. The memory
+streams (slot m of the memory bank), so every stream's memory continues its own text. The memory
 of a step is committed only when DeepSpeed applied the step; a non-finite loss or gradient on
 any rank makes every rank skip the step alike (the reduced gradients are non-finite everywhere).
+
+`Trainer` runs the job (streams, training state, metrics, signals, checkpoints); how a step, an
+evaluation and the weights are made is its parallel strategy (train/strategy.py):
+`DataParallel` here, `PipelineParallel` in train/pipeline.py. The builders below
+(`build_parallel`, `build_streams`, `training_state`, `checkpoint_meta`) make the same pieces
+for `lamemo convert --to deepspeed`, which writes a checkpoint the trainer resumes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from ..checkpoint.manager import DS_TAG, CheckpointManager, Found
 from ..config.derive import Plan
 from ..config.load import dump_config
 from ..config.schema import RunConfig
@@ -25,134 +28,60 @@ from ..data.recall import recall_scorer
 from ..data.streams import OrderedStreams
 from ..evaluation import EvalResult, evaluate
 from ..model import LaMemoLM
+from ..model.bank import MemoryBank
 from ..model.flops import segment_flops
 from ..parallel.engine import build_engine
 from .metrics import Metrics, Throughput, peak_tflops
 from .signals import EXIT_OK, EXIT_PREEMPTED, StopFlag, requeue_slurm
-from .state import StateBank
+from .state import RNG, LRSchedule, Progress, rank_seed, seed_all
+from .strategy import Hooks, StepResult
+
+__all__ = ["DataParallel", "Hooks", "NonFiniteAbort", "StepResult", "Trainer", "build_parallel",
+           "build_streams", "checkpoint_meta", "training_state"]
 
 
 class NonFiniteAbort(RuntimeError):
     """Too many consecutive steps were skipped for non-finite loss or gradients."""
 
 
-@dataclass
-class Hooks:
-    """Injection points used by fault tests and tools; the defaults do nothing.
+class DataParallel:
+    """The data-parallel strategy: a DeepSpeed engine around the LaMemoLM itself (ZeRO 0-3,
+    checkpoint keys are the model's own names), the memory of every slot in one MemoryBank."""
 
-    loss(step, micro, loss) -> loss: may replace the loss before backward (NaN injection).
-    step_end(trainer, step): after each optimizer step (e.g. kill a rank at a chosen step).
-    save_phase(name): after each checkpoint save phase (crash-during-save tests).
-    """
+    layout_change = "weights and optimizer re-partitioned by DeepSpeed"
 
-    loss: Callable[[int, int, torch.Tensor], torch.Tensor] = lambda step, micro, loss: loss
-    step_end: Callable[[object, int], None] = lambda trainer, step: None
-    save_phase: Callable[[str], None] | None = None
-
-
-@dataclass
-class StepResult:
-    loss: float
-    skipped: bool
-    grad_norm: float
-    stop: bool
-    wait_s: float
-    alphas: list[float] = field(default_factory=list)
-
-
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class Trainer:
-    """Builds the engine, loaders, banks and monitors from a config; `fit()` runs the job."""
-
-    def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device,
-                 hooks: Hooks | None = None, slurm_job_id: str | None = None):
-        self.cfg, self.plan, self.comm, self.device = cfg, plan, comm, device
-        self.hooks = hooks or Hooks()
-        self.slurm_job_id = slurm_job_id
+    def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device, hooks: Hooks,
+                 model: LaMemoLM):
+        self.cfg, self.plan, self.comm, self.device, self.hooks = cfg, plan, comm, device, hooks
         self.rank = comm.rank
-        self.log = print if self.rank == 0 else (lambda *a, **k: None)
-        self.step = 0
-        self.skipped_total = 0
-        self.consecutive_skips = 0
-        self.train_seconds = 0.0  # wall time spent in training steps (evaluations excluded)
-        seed_all(cfg.train.seed)  # identical initial parameters on every rank
-        self._build_engine()
-        seed_all(cfg.train.seed + 7919 * (self.rank + 1))  # dropout differs between ranks
-        self._build_io()
-
-    def _build_engine(self) -> None:
-        """Model + DeepSpeed engine, this rank's data-parallel index, the memory bank."""
-        cfg, plan, device = self.cfg, self.plan, self.device
-        model = LaMemoLM(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.bundle = build_engine(model.to(device), cfg, plan, cuda=device.type == "cuda")
         self.engine = self.bundle.engine
         self.dp_rank = self.rank
-        self.bank = StateBank(plan.grad_accum, lambda: self.engine.module.init_state(
-            plan.micro_batch, device=device))
-
-    def _build_io(self) -> None:
-        """Training streams of this data-parallel rank, metrics and the checkpoint manager."""
-        from ..checkpoint.manager import CheckpointManager
-
-        cfg, plan = self.cfg, self.plan
-        self.loader = OrderedStreams(
-            cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
-            dp_rank=self.dp_rank, dp_size=plan.dp_size, seed=cfg.train.seed,
-            random_roll=cfg.data.random_roll, prefetch=cfg.data.prefetch)
-        unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
-        self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
-                               tensorboard=cfg.logging.tensorboard, unit=unit)
-        self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
-                                      keep_last=cfg.checkpoint.keep_last, comm=self.comm,
-                                      log=self.log, on_phase=self.hooks.save_phase)
-        self.flops_per_token = segment_flops(cfg.model).per_target_token
-        self.peak = peak_tflops(cfg.logging.peak_tflops)
+        self.memory = MemoryBank(device)
 
     # ------------------------------------------------------------------------- one step
-    def train_step(self, stop_requested: bool) -> StepResult:
+    def train_step(self, batch, *, step: int, stop_requested: bool) -> StepResult:
         """Forward/backward every slot, step, agree on loss/skip/stop across ranks."""
-        t0 = time.perf_counter()
-        batch = next(self.loader)
-        wait = time.perf_counter() - t0
         mb = self.plan.micro_batch
         x = batch.input.to(self.device, non_blocking=True)  # [A*mb, N]
         y = batch.target.to(self.device, non_blocking=True)
         reset = batch.reset.to(self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         alpha_sum: list[torch.Tensor] = []
-        new_states = []
         for m in range(self.plan.grad_accum):
             rows = slice(m * mb, (m + 1) * mb)
-            out = self.engine(x[rows], self.bank.get(m, reset[rows]), targets=y[rows],
+            state = self.memory.get(m)
+            if state is None:  # the first step, or the memory was reset
+                state = self.engine.module.init_state(mb, device=self.device)
+            out = self.engine(x[rows], state.reset(reset[rows]), targets=y[rows],
                               return_logits=False)
-            loss = self.hooks.loss(self.step, m, out.loss)
+            loss = self.hooks.loss(step, m, out.loss)
             self.engine.backward(loss)
             if m == self.plan.grad_accum - 1:
                 own_norm = self._plain_grad_norm()
             self.engine.step()
-            new_states.append(out.state)
+            self.memory.put(m, out.state)
             loss_sum += loss.detach().double()
             alpha_sum = [a.float() + (alpha_sum[i] if alpha_sum else 0)
                          for i, a in enumerate(out.alpha)]
@@ -161,14 +90,13 @@ class Trainer:
         loss_mean = agreed[0].item() / (self.plan.grad_accum * self.plan.dp_size)
         applied = self.engine.was_step_applied()
         if applied and not math.isfinite(loss_mean):
-            raise RuntimeError(f"step {self.step + 1}: non-finite loss {loss_mean} but "
+            raise RuntimeError(f"step {step + 1}: non-finite loss {loss_mean} but "
                                "DeepSpeed applied the update; parameters may be corrupt")
-        if applied:
-            self.bank.commit(new_states)
+        self.memory.settle(applied)
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else own_norm
         return StepResult(loss=loss_mean, skipped=not applied, grad_norm=gn,
-                          stop=agreed[1].item() > 0, wait_s=wait,
+                          stop=agreed[1].item() > 0,
                           alphas=[a.item() / self.plan.grad_accum for a in alpha_sum])
 
     def _plain_grad_norm(self) -> float:
@@ -206,29 +134,134 @@ class Trainer:
         return cache[split]
 
     # ------------------------------------------------------------------------- checkpoints
-    def rank_state(self) -> dict:
-        return {"step": self.step, "world_size": self.comm.world_size,
-                "rows_per_rank": self.plan.rows_per_rank, "bank": self.bank.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state(),
-                "counters": {"skipped_total": self.skipped_total,
-                             "consecutive_skips": self.consecutive_skips,
-                             "train_seconds": self.train_seconds}}
-
-    def _layout(self) -> dict:
+    def layout(self) -> dict:
         """How this run is laid out (saved in the checkpoint meta; compared on resume)."""
         return {"world_size": self.comm.world_size, "dp_size": self.plan.dp_size,
                 "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
 
-    def _save_deepspeed(self, folder: str, tag: str) -> None:
+    def same_layout(self, meta: dict) -> bool:
+        stages = meta.get("pipeline_stages", 1)
+        if stages > 1:
+            raise RuntimeError(
+                f"the checkpoint was written with parallel.pipeline_stages={stages}; resume it "
+                f"with --set parallel.pipeline_stages={stages}, or write it for this layout with "
+                "`lamemo convert --from deepspeed RUN --to deepspeed NEW` (see tools/)")
+        return (meta["world_size"] == self.comm.world_size
+                and meta["micro_batch"] * meta["grad_accum"] == self.plan.rows_per_rank)
+
+    def save_weights(self, folder: str, tag: str) -> None:
         self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
 
+    def load_weights(self, path, *, same_layout: bool) -> None:
+        """DeepSpeed's files (it re-partitions ZeRO states for another world size)."""
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}/{DS_TAG}")
+
+
+# ----------------------------------------------------------------------------- builders
+def build_parallel(cfg: RunConfig, plan: Plan, *, comm, device: torch.device, hooks: Hooks,
+                   model: LaMemoLM):
+    """The strategy of `plan` around `model` (collective: every rank calls it with the same
+    weights): DataParallel, or PipelineParallel when parallel.pipeline_stages > 1."""
+    if plan.pp_size > 1:
+        from .pipeline import PipelineParallel
+
+        return PipelineParallel(cfg, plan, comm=comm, device=device, hooks=hooks, model=model)
+    return DataParallel(cfg, plan, comm=comm, device=device, hooks=hooks, model=model)
+
+
+def build_streams(cfg: RunConfig, plan: Plan, dp_rank: int, *,
+                  prefetch: int | None = None) -> OrderedStreams:
+    """The training streams of data-parallel rank `dp_rank`."""
+    return OrderedStreams(
+        cfg.data.path, cfg.data.train_split, seg_len=plan.seg_len, rows=plan.rows_per_rank,
+        dp_rank=dp_rank, dp_size=plan.dp_size, seed=cfg.train.seed,
+        random_roll=cfg.data.random_roll, prefetch=prefetch or cfg.data.prefetch)
+
+
+def training_state(*, progress: Progress, streams: OrderedStreams, parallel, rng: RNG) -> dict:
+    """The Stateful pieces a checkpoint saves per rank, by name (see train/state.py)."""
+    return {"progress": progress, "streams": streams, "memory": parallel.memory, "rng": rng,
+            "lr": LRSchedule(parallel.bundle.scheduler)}
+
+
+def checkpoint_meta(cfg: RunConfig, plan: Plan, parallel, **extra) -> dict:
+    """meta.json of a checkpoint: the layout, ZeRO stage, precision, memory kind (+ extra)."""
+    return dict(parallel.layout(), zero_stage=plan.zero_stage, precision=plan.precision,
+                model_memory=cfg.model.memory, **extra)
+
+
+def _progress_field(name: str) -> property:
+    """Trainer.<name> reads and writes Trainer.progress.<name>."""
+    return property(lambda self: getattr(self.progress, name),
+                    lambda self, value: setattr(self.progress, name, value),
+                    doc=f"progress.{name} (train/state.py: Progress)")
+
+
+class Trainer:
+    """Builds the strategy, streams, training state and monitors from a config; `fit()` runs
+    the job. `model` (default: a fresh LaMemoLM seeded with train.seed) gives the weights."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, *, comm, device: torch.device,
+                 hooks: Hooks | None = None, slurm_job_id: str | None = None,
+                 model: LaMemoLM | None = None):
+        self.cfg, self.plan, self.comm, self.device = cfg, plan, comm, device
+        self.hooks = hooks or Hooks()
+        self.slurm_job_id = slurm_job_id
+        self.rank = comm.rank
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        self.progress = Progress()
+        self.rng = RNG()
+        seed_all(cfg.train.seed)  # identical initial parameters on every rank
+        self.parallel = build_parallel(cfg, plan, comm=comm, device=device, hooks=self.hooks,
+                                       model=model if model is not None else LaMemoLM(cfg.model))
+        self.engine, self.bundle = self.parallel.engine, self.parallel.bundle
+        self.rng.seed(rank_seed(cfg.train.seed, self.rank))  # dropout differs between ranks
+        self._build_io()
+
+    def _build_io(self) -> None:
+        """Training streams of this data-parallel rank, the training state, metrics and the
+        checkpoint manager."""
+        cfg = self.cfg
+        self.loader = build_streams(cfg, self.plan, self.parallel.dp_rank)
+        self.state = training_state(progress=self.progress, streams=self.loader,
+                                    parallel=self.parallel, rng=self.rng)
+        unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
+        self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
+                               tensorboard=cfg.logging.tensorboard, unit=unit)
+        self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
+                                      keep_last=cfg.checkpoint.keep_last, comm=self.comm,
+                                      log=self.log, on_phase=self.hooks.save_phase)
+        self.flops_per_token = segment_flops(cfg.model).per_target_token
+        self.peak = peak_tflops(cfg.logging.peak_tflops)
+
+    # the step counters live in the Stateful `progress`
+    step = _progress_field("step")
+    skipped_total = _progress_field("skipped_total")
+    consecutive_skips = _progress_field("consecutive_skips")
+    train_seconds = _progress_field("train_seconds")
+
+    # ------------------------------------------------------------------------- one step
+    def train_step(self, stop_requested: bool) -> StepResult:
+        """Read the step's batch (every rank, also pipeline middle stages: identical loader state
+        everywhere), then let the strategy make the step."""
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        wait = time.perf_counter() - t0
+        r = self.parallel.train_step(batch, step=self.step, stop_requested=stop_requested)
+        r.wait_s = wait
+        return r
+
+    def evaluate(self, split: str, **kwargs) -> EvalResult:
+        """Loss over `split` with the strategy's evaluation memory (see its `evaluate`)."""
+        return self.parallel.evaluate(split, **kwargs)
+
+    # ------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        meta = dict(self._layout(), zero_stage=self.plan.zero_stage,
-                    precision=self.plan.precision, model_memory=self.cfg.model.memory,
-                    time=time.time())
-        path = self.ckpt.save(self.step, save_deepspeed=self._save_deepspeed,
-                              rank_state=self.rank_state(), config_text=dump_config(self.cfg),
-                              meta=meta)
+        meta = checkpoint_meta(self.cfg, self.plan, self.parallel, time=time.time())
+        path = self.ckpt.save(self.step, save_weights=self.parallel.save_weights,
+                              state=self.state, config_text=dump_config(self.cfg), meta=meta)
         self.log(f"checkpoint {path} (step {self.step})")
 
     def resume(self) -> bool:
@@ -236,32 +269,26 @@ class Trainer:
         found = self.ckpt.find_latest()
         if found is None:
             return False
-        loaded, _ = self.engine.load_checkpoint(str(found.path), tag="deepspeed")
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load {found.path}/deepspeed")
-        same = (found.meta["world_size"] == self.comm.world_size
-                and found.meta["micro_batch"] * found.meta["grad_accum"]
-                == self.plan.rows_per_rank)
+        same = self.parallel.same_layout(found.meta)
+        self.parallel.load_weights(found.path, same_layout=same)
         if same:
-            st = self.ckpt.load_rank_state(found, self.rank)
-            self.bank.load_state_dict(st["bank"])
-            self.loader.load_state_dict(st["loader"])
-            set_rng_state(st["rng"])
+            self.ckpt.load_state(found, self.rank, self.state)
         else:
-            st = self.ckpt.load_rank_state(found, 0)
-            self.loader.load_state_dict(st["loader"])  # re-partitions the streams
-            self.bank.reset_all()
-            seed_all(self.cfg.train.seed + 7919 * (self.rank + 1) + found.step)
-            self.log(f"resume: layout changed (world {found.meta['world_size']} -> "
-                     f"{self.comm.world_size}, rows/rank {found.meta['micro_batch']}x"
-                     f"{found.meta['grad_accum']} -> {self.plan.rows_per_rank}): streams "
-                     "re-partitioned, memory reset")
-        self.step = found.step
-        self.skipped_total = st["counters"]["skipped_total"]
-        self.consecutive_skips = st["counters"]["consecutive_skips"]
-        self.train_seconds = st["counters"].get("train_seconds", 0.0)
+            self._resume_other_layout(found)
         self.log(f"resumed from {found.path} at step {self.step}")
         return True
+
+    def _resume_other_layout(self, found: Found) -> None:
+        """Streams re-partitioned from rank 0's positions, the schedule and counters kept, the
+        memory reset and the random generators re-seeded for the step."""
+        self.ckpt.load_state(found, 0, self.state, names=("progress", "streams", "lr"))
+        self.parallel.memory.reset("train")
+        self.rng.seed(rank_seed(self.cfg.train.seed, self.rank, found.step))
+        keys = [k for k in self.parallel.layout() if k != "parts"]
+        old = {k: found.meta.get(k, 1 if k == "pipeline_stages" else None) for k in keys}
+        now = {k: self.parallel.layout()[k] for k in keys}
+        self.log(f"resume: layout changed ({old} -> {now}): {self.parallel.layout_change}, "
+                 "memory reset, streams re-partitioned")
 
     # ------------------------------------------------------------------------- the job
     def fit(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_arguments
+    from ..config.load import add_config_arguments
 
     add_config_arguments(p, required=True)
     p.add_argument("--no-resume", action="store_true",
@@ -30,7 +30,8 @@ def run(args) -> int:
 def train(config: str | None, overrides: list[str], hooks=None) -> int:
     """Load and check the config, start the process group, train; returns the exit code.
 
-    `hooks` (train.trainer.Hooks) is the fault-injection point of the tests.
+    `hooks` (train.trainer.Hooks) is the fault-injection point of the tests. The trainer picks
+    its parallel strategy (data or pipeline parallel) from the plan.
     """
     from ..config.load import dump_config, load_config
     from ..fileio import require_shared_folder
@@ -41,7 +42,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     from ..config.deepspeed import deepspeed_config
     from ..config.derive import World, resolve
     from ..parallel import dist
-    from .signals import EXIT_NONFINITE
+    from ..train.signals import EXIT_NONFINITE
 
     denv = dist.discover()
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
@@ -52,7 +53,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     dist.init_distributed(denv, backend=plan.backend)
     device = dist.device_for(denv)
     comm = dist.Comm(device if plan.backend == "nccl" else None)
-    from .trainer import NonFiniteAbort, Trainer
+    from ..train.trainer import NonFiniteAbort, Trainer
 
     if comm.rank == 0:
         out = Path(cfg.train.output_dir)
@@ -61,8 +62,6 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
     require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder
-    if plan.pp_size > 1:  # pipeline parallelism: stage-local memory (train/pipeline.py)
-        from .pipeline import PipelineTrainer as Trainer
     trainer = Trainer(cfg, plan, comm=comm, device=device, hooks=hooks,
                       slurm_job_id=dist.slurm_job_id())
     try:

@@ -14,7 +14,7 @@ def _size(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .prepare import CORPORA
+    from ..data.prepare import CORPORA
 
     p.add_argument("--corpus", choices=CORPORA, default="stdlib",
                    help="corpus format; 'stdlib' (default, also 'files' without --input) is "
@@ -55,10 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .corpora import CorpusError
-    from .prepare import PrepareError, PrepareOptions, prepare
-    from .recall import DEFAULT_SIZES
-    from .shards import ShardError
+    from ..data.corpora import CorpusError
+    from ..data.prepare import PrepareError, PrepareOptions, prepare
+    from ..data.recall import DEFAULT_SIZES
+    from ..data.shards import ShardError
 
     if args.verify:
         return _verify(args.verify)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _recall_spec(args: argparse.Namespace):
     """The recall generator's knobs from the flags, checked before anything is written."""
-    from .recall import RecallSpec, parse_gap
+    from ..data.recall import RecallSpec, parse_gap
 
     lo, hi = parse_gap(args.recall_gap)
     return RecallSpec(gap_min=lo, gap_max=hi, key_len=args.recall_key_len,
@@ -125,7 +125,7 @@ def _report(m: dict, out: str, wrote: bool) -> None:
 
 
 def _verify(path: str) -> int:
-    from .manifest import load_manifest, verify
+    from ..data.manifest import load_manifest, verify
 
     problems = verify(path)
     m = load_manifest(path)

@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions of the step (reference: cosine to min_lr, no warmup).
 
 `lr_at(optim, step=, total=)` is the whole schedule; `build_scheduler` wraps it in a LambdaLR
-whose state DeepSpeed saves with the engine, so resumed runs continue the same curve.
+beside the optimizer it drives (parallel/engine.py); its position is part of the Stateful
+training state (train/state.py: LRSchedule), so resumed runs continue the same curve.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Hugging Face export: a folder `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 loads on a machine without lamemo_ds.
 
-One source of truth: the modeling file is generated at export time by concatenating our own model
-modules (config schema, positional, attention, dropout, memory, adaptive, layers, lm) with their
-package-relative imports removed, followed by export/hf_wrapper.py. The exported model therefore
-runs the same eager math as `lamemo eval`; tests compare their logits over several segments.
+One source of truth: the modeling file is generated at export time by concatenating our own
+model modules (config schema, positional, attention, dropout, memory, step, adaptive, layers, lm)
+with their package-relative imports removed, followed by export/hf_wrapper.py. The exported
+model therefore runs the same eager math as `lamemo eval`; tests compare their logits over
+several segments.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import CONFIG_NAME, save_weights, unique_state_dict
+from ..checkpoint.safetensors_io import CONFIG_NAME, save_weights, unique_state_dict
 
 MODELING_NAME = "modeling_lamemo.py"
 CONFIGURATION_NAME = "configuration_lamemo.py"
@@ -27,10 +28,11 @@ PREFIX = "lamemo."
 MODEL_SOURCES = [
     ("config", "schema.py"),
     ("model", "positional.py"),
-    ("model", "attention.py"),
+    ("ops", "attention.py"),
     ("model", "dropout.py"),
     ("model", "linear.py"),
     ("model", "memory.py"),
+    ("model", "step.py"),
     ("model", "adaptive.py"),
     ("model", "layers.py"),
     ("model", "lm.py"),

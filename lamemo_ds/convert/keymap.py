@@ -1,4 +1,4 @@
-"""Name mapping between the authors' reference checkpoints (SPEC §8) and ours.
+"""Name mapping between the authors' reference checkpoints (docs/algorithm.md §8) and ours.
 
 A table of (reference name pattern, our name pattern); the only non-trivial entry is the
 attention input projection: the reference keeps q_net [HD, d] and kv_net [2HD, d] (K then V)

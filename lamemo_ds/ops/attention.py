@@ -261,7 +261,7 @@ def per_head_positions(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length: bool = False,
                          dropatt: float = 0.0, training: bool = False):
-    """Causal attention of the current rows over [memory ; current] (SPEC §2).
+    """Causal attention of the current rows over [memory ; current] (docs/algorithm.md §2).
 
     q [B,H,N,D]; k, v [B,H,K,D] with K = M+N; r [K,H,D] the projected table for distances
     K-1..0; u, vb [H,D]. Returns o [B,H,N,D] and lse [B,H,N] (fp32, fp64 for fp64 inputs).
@@ -276,7 +276,7 @@ def causal_rel_attention(q, k, v, r, u, vb, *, valid, mem_len: int, same_length:
 
 def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start: int,
                         variant: str = "default", dropatt: float = 0.0, training: bool = False):
-    """Look-ahead attention of the memory rows over their window (SPEC §3).
+    """Look-ahead attention of the memory rows over their window (docs/algorithm.md §3).
 
     q [B,H,M,D] memory queries; k, v [B,H,W,D] the window keys (buffer positions window_start..
     window_start+W-1); r [X,H,D] the projected look-ahead table; u, vb [H,D] the content and

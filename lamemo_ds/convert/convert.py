@@ -1,47 +1,34 @@
 """Checkpoint conversion: read any of our formats into one in-memory model, write any other.
 
-Formats
+Formats (each with its reader and writer in convert/registry.py)
 - deepspeed:    a training checkpoint (step-N/ of `lamemo train`, any ZeRO stage) — read and write
 - consolidated: model.safetensors (+ index when sharded), config.json, tokenizer, README card
 - hf:           consolidated + transformers code (AutoModelForCausalLM, trust_remote_code=True)
-- reference:    a state dict of the authors' code (SPEC §8), `reference.pt` (+ our config.json)
+- reference:    a state dict of the authors' code, `reference.pt` (+ our config.json)
 
 Every writer works in a temp folder renamed into place at the end, so a failed conversion leaves
 nothing behind; readers check every tensor against the config and name the bad file.
+`lamemo convert` and tools/convert_checkpoint.py both come here.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import safetensors_io as sio
+from ..checkpoint.safetensors_io import CheckpointError
 from ..config.load import dump_config, to_dict
-from ..config.schema import ConfigError, ModelConfig, RunConfig
-from . import safetensors_io as sio
-from .safetensors_io import CheckpointError
+from ..config.schema import ModelConfig, RunConfig
+from .loaded import EVAL_NAME, RUN_CONFIG_NAME, Loaded
+from .loaded import read_extras as _read_extras
+from .registry import FORMATS_IN, FORMATS_OUT, get_format
 
-FORMATS_IN = ("deepspeed", "consolidated", "hf", "reference")
-FORMATS_OUT = ("consolidated", "hf", "deepspeed", "reference")
-REFERENCE_NAME = "reference.pt"
-RUN_CONFIG_NAME = "training_config.yaml"
-EVAL_NAME = "eval.json"
-TOKENIZER_GLOB = "tokenizer*.json"
-
-
-@dataclass
-class Loaded:
-    """A model read from some format, plus what travels with it to the output."""
-
-    model: torch.nn.Module
-    source: str
-    run_config: RunConfig | None = None
-    tokenizer_files: list[Path] = field(default_factory=list)
-    eval_results: dict | None = None
-    notes: list[str] = field(default_factory=list)
+__all__ = ["EVAL_NAME", "FORMATS_IN", "FORMATS_OUT", "RUN_CONFIG_NAME", "Loaded", "model_card",
+           "read_source", "record_eval", "write_target"]
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -49,72 +36,15 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
-# ---- readers ---------------------------------------------------------------------------------
-def _read_extras(folder: Path) -> tuple[RunConfig | None, list[Path], dict | None]:
-    from ..config.load import load_config
-
-    run_cfg = None
-    if (folder / RUN_CONFIG_NAME).is_file():
-        run_cfg = load_config(folder / RUN_CONFIG_NAME)
-    evals = None
-    if (folder / EVAL_NAME).is_file():
-        evals = json.loads((folder / EVAL_NAME).read_text())
-    return run_cfg, sorted(folder.glob(TOKENIZER_GLOB)), evals
-
-
-def read_folder(path: Path) -> Loaded:
-    """A consolidated or Hugging Face export folder."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder (expected a `lamemo convert` output)")
-    model, _ = sio.load_model_folder(path)
-    run_cfg, toks, evals = _read_extras(path)
-    return Loaded(model=model, source=str(path), run_config=run_cfg, tokenizer_files=toks,
-                  eval_results=evals)
-
-
-def read_reference(path: Path, model_config: ModelConfig | None) -> Loaded:
-    """`reference.pt` (a file, or a folder holding it and our config.json)."""
-    from .reference import from_reference
-
-    file = path / REFERENCE_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"missing reference state dict {file}")
-    if model_config is None:
-        if not path.is_dir():
-            raise ConfigError(f"{path}: a bare reference state dict does not say its shape; pass "
-                              "--config/--preset/--set model.* to describe the model")
-        model_config, _ = sio.read_model_config(path)
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a bad pickle/zip
-        raise CheckpointError(f"corrupt reference state dict {file}: {e}") from e
-    if isinstance(sd, dict) and "model_state_dict" in sd:
-        sd = sd["model_state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{file} does not hold a state dict of tensors")
-    dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
-    model = from_reference(sd, model_config, dtype=dtype).eval()
-    extras = _read_extras(path) if path.is_dir() else (None, [], None)
-    return Loaded(model=model, source=str(file), run_config=extras[0], tokenizer_files=extras[1],
-                  eval_results=extras[2])
-
-
+# ---- reading ---------------------------------------------------------------------------------
 def read_source(kind: str, path: str | Path, *, model_config: ModelConfig | None = None,
                 run_config: RunConfig | None = None, quiet: bool = False) -> Loaded:
     """Read a model of format `kind` from `path` (see the module docstring)."""
+    fmt = get_format(kind, write=False)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"input {path} does not exist")
-    if kind in ("consolidated", "hf"):
-        loaded = read_folder(path)
-    elif kind == "reference":
-        loaded = read_reference(path, model_config)
-    elif kind == "deepspeed":
-        from .deepspeed_io import read_deepspeed
-
-        loaded = read_deepspeed(path, run_config=run_config, quiet=quiet)
-    else:
-        raise ConfigError(f"--from {kind!r}: choose one of {', '.join(FORMATS_IN)}")
+    loaded = fmt.reader(path, model_config=model_config, run_config=run_config, quiet=quiet)
     if run_config is not None and loaded.run_config is None:
         loaded.run_config = run_config
     n = loaded.model.num_parameters()
@@ -124,7 +54,7 @@ def read_source(kind: str, path: str | Path, *, model_config: ModelConfig | None
     return loaded
 
 
-# ---- writers ---------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------
 def model_card(loaded: Loaded, *, fmt: str, dtype: torch.dtype) -> str:
     """README.md of an export: what the model is, how it was trained, how well it does."""
     cfg = loaded.model.config
@@ -168,48 +98,17 @@ def _write_extras(loaded: Loaded, out: Path, *, fmt: str, dtype: torch.dtype) ->
     return [*written, "README.md"]
 
 
-def write_consolidated(loaded: Loaded, out: Path, *, dtype: torch.dtype,
-                       max_shard_bytes: int) -> list[str]:
-    tensors, aliases = sio.unique_state_dict(loaded.model, dtype)
-    files = sio.save_weights(tensors, out, max_shard_bytes=max_shard_bytes,
-                             metadata={"lamemo_tied": json.dumps(aliases)})
-    sio.write_config(out, loaded.model.config, {"dtype": str(dtype).removeprefix("torch.")})
-    return [*files, sio.CONFIG_NAME]
-
-
-def write_reference(loaded: Loaded, out: Path, *, dtype: torch.dtype) -> list[str]:
-    from .reference import to_reference
-
-    sd = {k: v.to(dtype) if v.is_floating_point() else v
-          for k, v in to_reference(loaded.model).items()}
-    torch.save(sd, out / REFERENCE_NAME)
-    sio.write_config(out, loaded.model.config)
-    return [REFERENCE_NAME, sio.CONFIG_NAME]
-
-
 def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 0, force: bool = False, quiet: bool = False,
                  deepspeed_options: dict | None = None) -> list[str]:
     """Write `loaded` as format `kind` into folder `out` (atomically); returns the files."""
-    from .hf_export import export_hf
-
-    if kind not in FORMATS_OUT:
-        raise ConfigError(f"--to {kind!r}: choose one of {', '.join(FORMATS_OUT)}")
+    fmt = get_format(kind, write=True)
     dtype = dtype or next(loaded.model.parameters()).dtype
     out = Path(out)
     with sio.atomic_output(out, force=force) as tmp:
-        if kind == "consolidated":
-            files = write_consolidated(loaded, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        elif kind == "hf":
-            files = export_hf(loaded.model, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        elif kind == "reference":
-            files = write_reference(loaded, tmp, dtype=dtype)
-        else:
-            from .deepspeed_write import write_deepspeed
-
-            files = write_deepspeed(loaded, tmp, final=out, quiet=quiet,
-                                    **(deepspeed_options or {}))
-        if kind != "deepspeed":
+        files = fmt.writer(loaded, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, final=out,
+                           quiet=quiet, options=deepspeed_options)
+        if fmt.card:
             files += _write_extras(loaded, tmp, fmt=kind, dtype=dtype)
         sizes = {f: (tmp / f).stat().st_size for f in files if (tmp / f).is_file()}
     for f in files:

@@ -1,0 +1,41 @@
+"""What a reader returns: one model in memory and what travels with it (a leaf: every format
+module and the registry import it, it imports none of them)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config.schema import RunConfig
+
+RUN_CONFIG_NAME = "training_config.yaml"
+EVAL_NAME = "eval.json"
+TOKENIZER_GLOB = "tokenizer*.json"
+
+
+@dataclass
+class Loaded:
+    """A model read from some format, plus what travels with it to the output."""
+
+    model: torch.nn.Module
+    source: str
+    run_config: RunConfig | None = None
+    tokenizer_files: list[Path] = field(default_factory=list)
+    eval_results: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_extras(folder: Path) -> tuple[RunConfig | None, list[Path], dict | None]:
+    """(training config, tokenizer files, eval results) stored beside a model in `folder`."""
+    from ..config.load import load_config
+
+    run_cfg = None
+    if (folder / RUN_CONFIG_NAME).is_file():
+        run_cfg = load_config(folder / RUN_CONFIG_NAME)
+    evals = None
+    if (folder / EVAL_NAME).is_file():
+        evals = json.loads((folder / EVAL_NAME).read_text())
+    return run_cfg, sorted(folder.glob(TOKENIZER_GLOB)), evals

@@ -1,0 +1,130 @@
+"""Is a checkpoint or model folder complete, intact and loadable? (without writing anything)
+
+`verify_path` checks what a conversion of `path` would need, and reports each check:
+
+- a `lamemo train` checkpoint (a run folder, its checkpoints/ or one step-N/): the manifest
+  (every file's size and sha256), every DeepSpeed file an intact archive (and, for a pipeline
+  layout, every layer file of the layer map), one training-state file per rank, the training
+  config, and the merged weights against the config's shapes, all finite;
+- a consolidated / hf folder: config.json, the weights (every shard of the index) against the
+  config's shapes, all finite, and for hf the generated code compiles;
+- a reference folder: reference.pt against our config.json.
+
+`lamemo verify` and tools/verify_checkpoint.py print the checks and exit 1 if one failed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import deepspeed_io as dsio
+from ..checkpoint import safetensors_io as sio
+from ..checkpoint.manager import DS_TAG, is_step_folder, locate, verify
+from ..config.schema import ConfigError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _finite(model: torch.nn.Module, where: str) -> Check:
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return Check("values", not bad, f"{where}: all finite" if not bad else
+                 f"{where}: non-finite values in {', '.join(bad[:4])}")
+
+
+def _attempt(checks: list[Check], name: str, fn) -> object | None:
+    """Run fn(); on an error record a failed check named `name` and return None."""
+    try:
+        return fn()
+    except (sio.CheckpointError, ConfigError, FileNotFoundError, KeyError, OSError,
+            RuntimeError, ValueError) as e:
+        checks.append(Check(name, False, str(e)))
+        return None
+
+
+def _verify_step(step: Path, *, located: bool) -> list[Check]:
+    checks = [Check("located", True, f"{step}" + (" (the newest complete checkpoint)"
+                                                  if located else ""))]
+    lamemo = (step / DS_TAG).is_dir()
+    if located:
+        checks.append(Check("manifest", True, "every file matches its size and sha256"))
+    elif lamemo or (step / "manifest.json").is_file():
+        reason = verify(step)
+        checks.append(Check("manifest", reason is None,
+                            reason or "every file matches its size and sha256"))
+    else:
+        checks.append(Check("manifest", True, "none (a bare DeepSpeed folder, not written by "
+                            "`lamemo train`): files checked one by one below"))
+    if lamemo and (step / "meta.json").is_file():
+        meta = json.loads((step / "meta.json").read_text())
+        ranks = len(list((step / "lamemo").glob("rank-*.pt")))
+        want = meta.get("world_size")
+        checks.append(Check("training state", ranks == want,
+                            f"{ranks} rank file(s) for world size {want}"))
+    run_cfg = _attempt(checks, "training config", lambda: dsio.find_run_config(step))
+    if run_cfg is not None:
+        checks.append(Check("training config", True, f"model.memory={run_cfg.model.memory}, "
+                            f"{run_cfg.model.n_layer} layers"))
+        from .deepspeed import read_deepspeed
+
+        loaded = _attempt(checks, "weights",
+                          lambda: read_deepspeed(step, run_config=run_cfg, quiet=True,
+                                                 check_manifest=False))
+        if loaded is not None:
+            n = loaded.model.num_parameters()
+            checks.append(Check("weights", True, f"{n:,} parameters, every DeepSpeed file intact, "
+                                "shapes as the config says"))
+            checks.append(_finite(loaded.model, "weights"))
+    return checks
+
+
+def _verify_folder(path: Path) -> list[Check]:
+    from .reference import REFERENCE_NAME, read_reference
+
+    checks: list[Check] = []
+    cfg = _attempt(checks, "config.json", lambda: sio.read_model_config(path)[0])
+    if cfg is None:
+        return checks
+    checks.append(Check("config.json", True, f"model.memory={cfg.memory}, {cfg.n_layer} layers"))
+    if (path / REFERENCE_NAME).is_file() and not (path / sio.WEIGHTS_NAME).is_file():
+        loaded = _attempt(checks, "weights", lambda: read_reference(path, cfg))
+        model = None if loaded is None else loaded.model
+    else:
+        model = _attempt(checks, "weights", lambda: sio.load_model_folder(path)[0])
+    if model is None:
+        return checks
+    checks.append(Check("weights", True, f"{model.num_parameters():,} parameters, shapes as "
+                        "config.json says"))
+    checks.append(_finite(model, "weights"))
+    code = path / "modeling_lamemo.py"
+    if code.is_file():
+        ok = _attempt(checks, "hf code", lambda: compile(code.read_text(), str(code), "exec"))
+        if ok is not None:
+            present = (path / "configuration_lamemo.py").is_file()
+            checks.append(Check("hf code", present, "modeling_lamemo.py compiles" + (
+                ", configuration_lamemo.py present" if present else
+                "; configuration_lamemo.py is missing")))
+    return checks
+
+
+def verify_path(path: str | Path, log=lambda msg: None) -> list[Check]:
+    """Every check of `path` (see the module docstring); a failed one has ok=False."""
+    path = Path(path)
+    if not path.exists():
+        return [Check("located", False, f"{path} does not exist")]
+    if path.is_dir() and (path / sio.CONFIG_NAME).is_file() and not is_step_folder(path):
+        return _verify_folder(path)
+    checks: list[Check] = []
+    step = _attempt(checks, "located", lambda: locate(path, log))
+    if step is None:
+        return checks
+    return _verify_step(step, located=step != path)
