@@ -135,4 +135,4 @@ def test_record_needs_an_export_folder(tmp_path, lamemo, corpus):
     r = lamemo("eval", "--model", str(tmp_path / "run"), "--data", str(corpus), "--record")
     assert r.returncode == 2 and "--record" in r.stderr
     r = lamemo("eval", "--model", str(tmp_path / "run"), "--data", str(corpus))
-    assert r.returncode == 1 and "no DeepSpeed checkpoint" in r.stderr
+    assert r.returncode == 1 and "holds no complete checkpoint" in r.stderr

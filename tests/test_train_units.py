@@ -113,10 +113,11 @@ def test_training_state_pieces_are_stateful():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
     assert rank_seed(1111, rank=0) != rank_seed(1111, rank=1) != rank_seed(1111, rank=1, step=3)
 
-    progress = Progress(step=7, skipped_total=2, consecutive_skips=1)
+    progress = Progress(step=7, skipped_total=2, consecutive_skips=1, train_seconds=3.5)
     other = Progress()
     other.load_state_dict(progress.state_dict())
-    assert other.state_dict() == {"step": 7, "skipped_total": 2, "consecutive_skips": 1}
+    assert other.state_dict() == {"step": 7, "skipped_total": 2, "consecutive_skips": 1,
+                                  "train_seconds": 3.5}
 
     def schedule():
         p = torch.nn.Parameter(torch.ones(1))
