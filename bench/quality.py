@@ -158,6 +158,13 @@ def summarize(runs: list[dict], memories: list[str]) -> dict:
         (b, bs), (c, cs) = out["models"][ranked[0]][key], out["models"][ranked[1]][key]
         out[f"best@{tag}"] = {"memory": ranked[0], "runner_up": ranked[1],
                               "margin_bpc": c - b, "beyond_noise": c - b > 2 * max(bs, cs)}
+        if "none" in memories:  # what each memory model buys over the no-memory one
+            n, ns = out["models"]["none"][key]
+            out[f"vs_none@{tag}"] = {
+                m: {"margin_bpc": n - out["models"][m][key][0],
+                    "beyond_noise": abs(n - out["models"][m][key][0])
+                    > 2 * max(ns, out["models"][m][key][1])}
+                for m in memories if m != "none"}
     return out
 
 
@@ -186,6 +193,10 @@ def report(s: dict, a) -> str:
                      f"{best['runner_up']} ("
                      + ("beyond noise: more than 2 sd" if best["beyond_noise"] else
                         "within noise: less than 2 sd") + ")")
+        for m, v in s.get(f"vs_none@{tag}", {}).items():
+            word = "below" if v["margin_bpc"] > 0 else "above"
+            lines.append(f"{m} vs none: {abs(v['margin_bpc']):.4f} bpc {word} none ("
+                         + ("beyond noise" if v["beyond_noise"] else "within noise") + ")")
     sps = ", ".join(f"{m} {r['seconds_per_step'][0] * 1000:.0f} ms"
                     for m, r in s["models"].items())
     lines += ["", f"training time per step: {sps}"]
