@@ -14,8 +14,8 @@ A gap is called "beyond noise" when the two means differ by more than twice the 
 Plots: training curves (train loss by step, valid bpc by training time) and valid bpc by segment
 index with carried vs reset memory.
 
-    python bench/quality.py                       # stdlib, 3 seeds (about 40 min on 2 cores)
-    python bench/quality.py --corpus recall       # configs/recall.yaml, 3 seeds (~10 min)
+    python bench/quality.py                       # stdlib, 3 seeds (~15 min on a quiet 2-core CPU)
+    python bench/quality.py --corpus recall       # configs/recall.yaml, 3 seeds (~8 min)
     python bench/quality.py --init-std 0.02       # the reference's init (see bench/RESULTS.md)
     python bench/quality.py --tiny                # seconds, for CI
 """
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 DEFAULTS = {  # corpus -> (base config, data folder, overrides of the arguments below)
     "stdlib": ("configs/debug.yaml", "demo/data",
-               {"steps": 400, "layers": 4, "d_model": 128, "heads": 4, "seg_len": 64,
+               {"steps": 1000, "layers": 4, "d_model": 128, "heads": 4, "seg_len": 64,
                 "mem_len": 64, "batch": 8, "lr": 2e-3, "init_std": 0.088, "warmup": 40,
                 "eval_segments": 32}),
     "recall": ("configs/recall.yaml", "data/recall",
@@ -156,16 +156,21 @@ def summarize(runs: list[dict], memories: list[str]) -> dict:
         key = f"bpc@{tag}"
         ranked = sorted(memories, key=lambda m: out["models"][m][key][0])
         (b, bs), (c, cs) = out["models"][ranked[0]][key], out["models"][ranked[1]][key]
-        out[f"best@{tag}"] = {"memory": ranked[0], "runner_up": ranked[1],
-                              "margin_bpc": c - b, "beyond_noise": c - b > 2 * max(bs, cs)}
+        seeds = len({r["seed"] for r in runs})
+        out[f"best@{tag}"] = {"memory": ranked[0], "runner_up": ranked[1], "margin_bpc": c - b,
+                              "beyond_noise": c - b > 2 * max(bs, cs) if seeds > 1 else None}
         if "none" in memories:  # what each memory model buys over the no-memory one
             n, ns = out["models"]["none"][key]
             out[f"vs_none@{tag}"] = {
                 m: {"margin_bpc": n - out["models"][m][key][0],
                     "beyond_noise": abs(n - out["models"][m][key][0])
-                    > 2 * max(ns, out["models"][m][key][1])}
+                    > 2 * max(ns, out["models"][m][key][1]) if seeds > 1 else None}
                 for m in memories if m != "none"}
     return out
+
+
+NOISE = {True: "beyond noise: more than 2 sd", False: "within noise: less than 2 sd",
+         None: "one seed: no estimate of the noise"}
 
 
 def report(s: dict, a) -> str:
@@ -191,12 +196,11 @@ def report(s: dict, a) -> str:
         best = s[f"best@{tag}"]
         lines.append(f"best: {best['memory']}, {best['margin_bpc']:.4f} bpc below "
                      f"{best['runner_up']} ("
-                     + ("beyond noise: more than 2 sd" if best["beyond_noise"] else
-                        "within noise: less than 2 sd") + ")")
+                     + NOISE[best["beyond_noise"]] + ")")
         for m, v in s.get(f"vs_none@{tag}", {}).items():
             word = "below" if v["margin_bpc"] > 0 else "above"
             lines.append(f"{m} vs none: {abs(v['margin_bpc']):.4f} bpc {word} none ("
-                         + ("beyond noise" if v["beyond_noise"] else "within noise") + ")")
+                         + NOISE[v["beyond_noise"]] + ")")
     sps = ", ".join(f"{m} {r['seconds_per_step'][0] * 1000:.0f} ms"
                     for m, r in s["models"].items())
     lines += ["", f"training time per step: {sps}"]

@@ -108,7 +108,7 @@ def reused_row(name: str, path: str) -> dict:
     result = json.loads(Path(path).read_text())
     figures = result.get("stdout") or json.dumps(
         {k: v for k, v in result.items() if k not in ("runs", "config")}, indent=1)[:3000]
-    made = result.get("command", SUITE[name][0])
+    made = result.get("command", f"bench/{SUITE[name][0]}")
     return {"name": name, "what": SUITE[name][2], "status": "ok", "result": result,
             "command": f"{made} (result reused from {portable(str(Path(path).resolve()))}, "
                        f"made at commit {result.get('commit', 'unknown')})",
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
         rows.append(run_one(n, a.tiny, out_dir, a.timeout))
         print(rows[-1].get("stdout", "") or rows[-1].get("error", ""), flush=True)
     plots = plot(rows, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(
-        {"machine": info, "commit": sha, "tiny": a.tiny, "benchmarks": rows}, indent=2))
+    (out_dir / "results.json").write_text(portable(json.dumps(
+        {"machine": info, "commit": sha, "tiny": a.tiny, "benchmarks": rows}, indent=2)))
     write_markdown(rows, info, sha, plots, out_dir / "RESULTS.md")
     failed = [r["name"] for r in rows if r["status"] == "failed"]
     print(f"wrote {out_dir / 'RESULTS.md'}; failed: {failed or 'none'}")
