@@ -77,10 +77,12 @@ def parse_args(argv=None):
     return a
 
 
-def lamemo(*args: str, **kw) -> None:
+def lamemo(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`lamemo ARGS` in this Python from the repository root (2 threads unless set); raises if
+    it fails."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], check=True, env=env,
-                   cwd=REPO, **kw)
+    return subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], check=True, env=env,
+                          cwd=REPO, **kw)
 
 
 def ensure_data(a) -> None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from quality import REPO, ensure_data, lamemo  # bench/ is this script's folder
+
 CONFIG = REPO / "configs" / "recall.yaml"
 
 
@@ -39,19 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a few steps of a tiny model (CI)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
-
-
-def lamemo(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], check=True, env=env,
-                          cwd=REPO, **kw)
-
-
-def ensure_data(data: str, tiny: bool) -> None:
-    if (REPO / data / "manifest.json").is_file():
-        return
-    sizes = ["--split-sizes", "200000,16384,16384"] if tiny else []
-    lamemo("prepare", "--corpus", "recall", "--out", data, "--quiet", *sizes)
 
 
 def run_one(memory: str, seed: int, a) -> dict:
@@ -85,10 +72,10 @@ def verdict(r: dict) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    a.data = a.data or ("data/recall-tiny" if a.tiny else "data/recall")
+    a.corpus, a.data = "recall", a.data or ("data/recall-tiny" if a.tiny else "data/recall")
     if a.tiny:
         a.out = a.out.rstrip("/") + "-tiny"
-    ensure_data(a.data, a.tiny)
+    ensure_data(a)
     runs = [run_one(m, int(s), a) for s in a.seeds.split(",") for m in a.memories.split(",")]
     print(f"\n{'memory':8} {'seed':>5} {'bits/key symbol':>16} {'reset':>7} {'chance':>7} "
           f"{'gain bpc':>9} {'train min':>10}  target")

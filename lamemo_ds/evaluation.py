@@ -9,6 +9,7 @@ scores a subset of the targets apart (the recall corpus's key symbols: the retri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,22 @@ class EvalResult:
             out.update(subset_loss=self.subset_loss, subset_bits=self.subset_bits,
                        subset_tokens=self.subset_tokens)
         return out
+
+
+def memory_passes(run_pass: Callable[[str], EvalResult], modes: Iterable[str], *,
+                  memory_kind: str) -> dict[str, EvalResult]:
+    """`run_pass(mode)` for each of `modes` ("carried", "reset"), stopping after an interrupted
+    pass. A `none` model's reset pass is its carried pass (the same by construction): it is
+    not run twice."""
+    results: dict[str, EvalResult] = {}
+    for mode in modes:
+        if mode == "reset" and memory_kind == "none" and "carried" in results:
+            results[mode] = dataclasses.replace(results["carried"], memory="reset")
+        else:
+            results[mode] = run_pass(mode)
+        if results[mode].interrupted:
+            break
+    return results
 
 
 def memory_gain(carried: EvalResult, reset: EvalResult) -> dict:

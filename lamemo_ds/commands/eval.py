@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -176,6 +175,7 @@ def run(args) -> int:
     from ..checkpoint.safetensors_io import CheckpointError
     from ..convert.convert import record_eval
     from ..data.recall import recall_scorer
+    from ..evaluation import memory_passes
 
     if args.record and not (Path(args.model) / "config.json").is_file():
         print(f"lamemo eval: --record stores the result in a `lamemo convert` folder; "
@@ -191,13 +191,8 @@ def run(args) -> int:
     scorer = recall_scorer(args.data, args.split)
     modes = ("carried", "reset") if args.memory == "both" else (args.memory,)
     kind = model.config.memory
-    results = {}
-    for mode in modes:
-        if mode == "reset" and kind == "none" and "carried" in results:
-            # identical by construction: no second pass
-            results[mode] = dataclasses.replace(results["carried"], memory="reset")
-        else:
-            results[mode] = _one_pass(args, model, s, mode, scorer, device)
+    results = memory_passes(lambda mode: _one_pass(args, model, s, mode, scorer, device), modes,
+                            memory_kind=kind)
     out = {"model": str(args.model), "data": str(args.data), "split": args.split,
            "protocol": args.protocol, **s, "batch_size": args.batch_size,
            **summarize(results, kind, scorer.spec if scorer else None)}

@@ -155,11 +155,11 @@ class RecallScorer:
     the marker's id); called with a `Batch`, returns [R, N] bool over its targets.
     """
 
-    def __init__(self, data_dir: str, split: str):
+    def __init__(self, data_dir: str, split: str, manifest: dict | None = None):
         from .manifest import load_manifest, open_tokens
         from .tokenizer import load_tokenizer
 
-        manifest = load_manifest(data_dir)
+        manifest = load_manifest(data_dir) if manifest is None else manifest
         self.spec = spec_from_manifest(manifest)
         if self.spec is None:
             raise CorpusError(f"{data_dir} was not prepared with --corpus recall")
@@ -179,4 +179,5 @@ def recall_scorer(data_dir: str, split: str) -> RecallScorer | None:
     """A RecallScorer when `data_dir` holds a recall corpus, else None."""
     from .manifest import load_manifest
 
-    return RecallScorer(data_dir, split) if load_manifest(data_dir).get("recall") else None
+    manifest = load_manifest(data_dir)
+    return RecallScorer(data_dir, split, manifest) if manifest.get("recall") else None

@@ -14,7 +14,6 @@ for `lamemo convert --to deepspeed`, which writes a checkpoint the trainer resum
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -26,7 +25,7 @@ from ..config.load import dump_config
 from ..config.schema import RunConfig
 from ..data.recall import recall_scorer
 from ..data.streams import OrderedStreams
-from ..evaluation import EvalResult, evaluate
+from ..evaluation import EvalResult, evaluate, memory_passes
 from ..model import LaMemoLM
 from ..model.bank import MemoryBank
 from ..model.flops import segment_flops
@@ -59,6 +58,7 @@ class DataParallel:
         self.engine = self.bundle.engine
         self.dp_rank = self.rank
         self.memory = MemoryBank(device)
+        self.scorers: dict = {}  # split -> recall key-symbol mask (None: not a recall corpus)
 
     # ------------------------------------------------------------------------- one step
     def train_step(self, batch, *, step: int, stop_requested: bool) -> StepResult:
@@ -128,10 +128,9 @@ class DataParallel:
 
     def _scorer(self, split: str):
         """The recall key-symbol mask of `split` (None unless the data is a recall corpus)."""
-        cache = self.__dict__.setdefault("_scorers", {})
-        if split not in cache:
-            cache[split] = recall_scorer(self.cfg.data.path, split)
-        return cache[split]
+        if split not in self.scorers:
+            self.scorers[split] = recall_scorer(self.cfg.data.path, split)
+        return self.scorers[split]
 
     # ------------------------------------------------------------------------- checkpoints
     def layout(self) -> dict:
@@ -371,19 +370,14 @@ class Trainer:
     def _eval(self, split: str, max_segments: int, flag: StopFlag) -> bool:
         """Evaluate (with carried memory, then reset memory for the memory gain) and log; True
         when a stop signal interrupted it (nothing is logged then)."""
-        results = {}
-        for memory in ("carried", "reset"):
-            if memory == "reset" and not self.cfg.eval.memory_gain:
-                break
-            if memory == "reset" and self.cfg.model.memory == "none":
-                # the same by construction
-                results[memory] = dataclasses.replace(results["carried"], memory="reset")
-                break
-            results[memory] = self.evaluate(split, max_segments=max_segments, memory=memory,
-                                            stop=lambda: self.comm.any(flag.is_set))
-            if results[memory].interrupted:
-                self.log(f"evaluation of {split} interrupted by a stop signal")
-                return True
+        modes = ("carried", "reset") if self.cfg.eval.memory_gain else ("carried",)
+        results = memory_passes(
+            lambda mode: self.evaluate(split, max_segments=max_segments, memory=mode,
+                                       stop=lambda: self.comm.any(flag.is_set)),
+            modes, memory_kind=self.cfg.model.memory)
+        if any(r.interrupted for r in results.values()):
+            self.log(f"evaluation of {split} interrupted by a stop signal")
+            return True
         self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"),
                           train_seconds=self.train_seconds)
         return False
