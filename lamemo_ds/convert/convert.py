@@ -68,10 +68,16 @@ def model_card(loaded: Loaded, *, fmt: str, dtype: torch.dtype) -> str:
              f"d_inner {cfg.d_inner}, vocab {cfg.vocab_size}",
              f"- segment length {cfg.segment_len}, memory length {cfg.mem_len}", ""]
     if fmt == "hf":
-        lines += ["## Loading", "", "```python", "from transformers import AutoModelForCausalLM",
+        lines += ["## Loading", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
                   "out = model(x0)                      # x0 [B, N] token ids",
                   "out = model(x1, mems=out.mems)       # memory carried to the next segment",
+                  *(["tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+                     'ids = tok("Once upon", return_tensors="pt").input_ids',
+                     "new = model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40)",
+                     "print(tok.decode(new[0], skip_special_tokens=True))"]
+                    if loaded.tokenizer_files else []),
                   "```", ""]
     lines += ["## Evaluation", ""]
     if loaded.eval_results:
