@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from lamemo_ds.commands.generate import Stepper, generate_ids, sample
+from lamemo_ds.commands.generate import generate_ids, sample
 from lamemo_ds.config import ModelConfig
 from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.model import LaMemoLM
+from lamemo_ds.model.decode import Stepper
 
 SEG = 4
 

@@ -2,13 +2,8 @@
 
     lamemo generate --model out/ --prompt "The " --max-new-tokens 200 --top-p 0.9 --seed 1
 
-How the memory is carried:
-- lamemo / none: the state advances only at segment boundaries (every `segment_len` tokens), as in
-  training and evaluation; inside a segment the tokens since the boundary are re-run against the
-  boundary state, so every next-token distribution equals the one segment-wise evaluation gives.
-- xl: the Transformer-XL cache: each new token is one forward of length 1 against the cached
-  hidden states of the last mem_len tokens, then appended to that cache (O(mem_len) per token,
-  the prompt is never re-run).
+The memory is carried by model/decode.py:Stepper, the same code the Hugging Face export's
+`generate()` runs, so both give the same tokens for the same seed (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -30,58 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-len", type=int, default=None,
                    help="memory length (default: the model's)")
     p.add_argument("--tokenizer", default=None,
-                   help="folder holding tokenizer.json (default: the model folder)")
+                   help="folder holding lamemo_tokenizer.json (default: the model folder)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-
-
-class Stepper:
-    """Feeds tokens one at a time and returns the next-token log-probabilities (see module doc).
-
-    The memory state is batch 1; `forward_tokens` counts the tokens run through the model (the
-    cost, used by tests to check that the xl cache never re-runs the context).
-    """
-
-    def __init__(self, model, *, mem_len: int | None = None):
-        self.model = model.eval()
-        self.cfg = model.config
-        self.state = model.init_state(1, mem_len=mem_len)
-        self.buffer: list[int] = []
-        self.forward_tokens = 0
-        self.cached = self.cfg.memory == "xl" and self.state.mem_len > 0
-
-    def _run(self, ids: list[int]):
-        import torch
-
-        x = torch.tensor([ids], dtype=torch.long, device=self.state.valid.device)
-        self.forward_tokens += len(ids)
-        with torch.no_grad():
-            return self.model(x, self.state, return_logits=True)
-
-    def feed(self, ids: list[int]):
-        """Consume `ids`; return the log-probabilities [V] of the token after them."""
-        if not ids:
-            raise ValueError("Stepper.feed needs at least one token")
-        if self.cached:
-            out = None
-            for tok in ids:
-                out = self._run([tok])
-                self.state = out.state
-            return out.logits[0, -1]
-        n = self.cfg.segment_len
-        logits = None
-        for tok in ids:
-            self.buffer.append(tok)
-            if len(self.buffer) == n:  # a full segment: advance the memory
-                out = self._run(self.buffer)
-                self.state, self.buffer = out.state, []
-                logits = out.logits[0, -1]
-            else:
-                logits = None
-        if logits is None:  # mid-segment: re-run the partial segment against the boundary
-            logits = self._run(self.buffer).logits[0, -1]
-        return logits
 
 
 def sample(logprobs, *, temperature: float, top_k: int, top_p: float, generator) -> int:
@@ -110,6 +57,8 @@ def generate_ids(model, prompt: list[int], *, max_new_tokens: int, temperature: 
                  eos_id: int | None = None, on_token=None) -> list[int]:
     """Generated ids (without the prompt); `on_token(id)` is called as each one is drawn."""
     import torch
+
+    from ..model.decode import Stepper
 
     gen = torch.Generator().manual_seed(seed)
     stepper = Stepper(model, mem_len=mem_len)

@@ -21,8 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this Python's standard library source tree, the demo corpus")
     p.add_argument("--input", help="raw corpus: enwik8(.zip), text8(.zip), wikitext-103 folder "
                    "or zip, a books folder, a JSONL file/folder, or a folder of text files")
-    p.add_argument("--out", help="output folder (manifest.json, tokenizer.json, split/shard-*.tar)")
-    p.add_argument("--tokenizer", choices=("byte", "char", "word", "bpe"), default="byte")
+    p.add_argument("--out", help="output folder (manifest.json, lamemo_tokenizer.json, "
+                   "split/shard-*.tar)")
+    p.add_argument("--tokenizer", choices=("byte", "char", "word", "bpe", "pretrained"),
+                   default=None, help="byte (default), char, word, bpe (trained on the train "
+                   "split) or pretrained (with --tokenizer-file)")
+    p.add_argument("--tokenizer-file", metavar="PATH", help="use this Hugging Face "
+                   "tokenizer.json (GPT-2/Llama-style BPE); it is copied into the data folder")
+    p.add_argument("--eos-token", help="with --tokenizer-file: its end-of-document token "
+                   "(default: the first of <|endoftext|>, </s>, <|end_of_text|>, <eos> it has)")
     p.add_argument("--verify", metavar="DIR", help="re-check every shard of a prepared folder")
     p.add_argument("--shard-size", type=_size, default="64M", help="max bytes per shard")
     p.add_argument("--split-sizes", default=None,
@@ -65,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("lamemo prepare: give --out DIR (or --verify DIR)", file=sys.stderr)
         return 2
+    problem = _check_tokenizer(args)
+    if problem:
+        print(f"lamemo prepare: error: {problem}", file=sys.stderr)
+        return 2
     sizes_text = args.split_sizes or (",".join(map(str, DEFAULT_SIZES))
                                       if args.corpus == "recall" else "90000000,5000000,5000000")
     try:
@@ -82,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     o = PrepareOptions(
         corpus=args.corpus, input=args.input, tokenizer=args.tokenizer,
+        tokenizer_file=args.tokenizer_file, eos_token=args.eos_token,
         shard_bytes=args.shard_size, sizes=sizes, valid_frac=args.valid_frac,
         test_frac=args.test_frac, pattern=args.pattern, text_field=args.text_field,
         min_freq=args.min_freq, bpe_vocab=args.bpe_vocab, max_docs=args.max_docs,
@@ -94,6 +106,29 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _report(m, args.out, wrote)
     return 0
+
+
+def _check_tokenizer(args: argparse.Namespace) -> str | None:
+    """Settle --tokenizer from --tokenizer-file (in place) and load the file once to check it;
+    returns what is wrong, or None."""
+    from ..data.tokenizer import load_pretrained
+
+    if args.tokenizer_file is None:
+        if args.tokenizer == "pretrained":
+            return "--tokenizer pretrained needs --tokenizer-file PATH (a tokenizer.json)"
+        if args.eos_token is not None:
+            return "--eos-token is for --tokenizer-file; the other tokenizers use <eos>"
+        args.tokenizer = args.tokenizer or "byte"
+        return None
+    if args.tokenizer not in (None, "pretrained"):
+        return (f"--tokenizer {args.tokenizer} and --tokenizer-file exclude each other; "
+                "drop one of them")
+    args.tokenizer = "pretrained"
+    try:
+        load_pretrained(args.tokenizer_file, eos_token=args.eos_token)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _recall_spec(args: argparse.Namespace):

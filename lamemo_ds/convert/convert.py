@@ -23,6 +23,8 @@ from ..checkpoint import safetensors_io as sio
 from ..checkpoint.safetensors_io import CheckpointError
 from ..config.load import dump_config, to_dict
 from ..config.schema import ModelConfig, RunConfig
+from ..data.hf_tokenizer import write_hf_tokenizer
+from ..data.tokenizer import load_tokenizer
 from .loaded import EVAL_NAME, RUN_CONFIG_NAME, Loaded
 from .loaded import read_extras as _read_extras
 from .registry import FORMATS_IN, FORMATS_OUT, get_format
@@ -66,10 +68,16 @@ def model_card(loaded: Loaded, *, fmt: str, dtype: torch.dtype) -> str:
              f"d_inner {cfg.d_inner}, vocab {cfg.vocab_size}",
              f"- segment length {cfg.segment_len}, memory length {cfg.mem_len}", ""]
     if fmt == "hf":
-        lines += ["## Loading", "", "```python", "from transformers import AutoModelForCausalLM",
+        lines += ["## Loading", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
                   "out = model(x0)                      # x0 [B, N] token ids",
                   "out = model(x1, mems=out.mems)       # memory carried to the next segment",
+                  *(["tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+                     'ids = tok("Once upon", return_tensors="pt").input_ids',
+                     "new = model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40)",
+                     "print(tok.decode(new[0], skip_special_tokens=True))"]
+                    if loaded.tokenizer_files else []),
                   "```", ""]
     lines += ["## Evaluation", ""]
     if loaded.eval_results:
@@ -85,9 +93,11 @@ def model_card(loaded: Loaded, *, fmt: str, dtype: torch.dtype) -> str:
 
 def _write_extras(loaded: Loaded, out: Path, *, fmt: str, dtype: torch.dtype) -> list[str]:
     written = []
-    for f in loaded.tokenizer_files:
-        shutil.copyfile(f, out / f.name)
-        written.append(f.name)
+    for name, f in loaded.tokenizer_files.items():
+        shutil.copyfile(f, out / name)
+        written.append(name)
+    if fmt == "hf" and loaded.tokenizer_files:  # the same tokenizer for AutoTokenizer
+        written += write_hf_tokenizer(load_tokenizer(out), out)
     if loaded.run_config is not None:
         (out / RUN_CONFIG_NAME).write_text(dump_config(loaded.run_config))
         written.append(RUN_CONFIG_NAME)

@@ -31,6 +31,7 @@ from ..checkpoint.deepspeed_io import find_run_config, read_state_dict
 from ..checkpoint.safetensors_io import CheckpointError, build_model, tied_aliases
 from ..config.load import dump_config, load_config, to_dict
 from ..config.schema import RunConfig
+from ..data.tokenizer import tokenizer_files
 from .loaded import Loaded
 
 SOURCE = ".source"
@@ -64,7 +65,7 @@ def read_deepspeed(path: Path, *, run_config: RunConfig | None = None, quiet: bo
     sd = {k: v for k, v in sd.items() if k not in aliases}
     model = build_model(run_cfg.model, sd, str(step), dtype=torch.float32)
     data_dir = Path(run_cfg.data.path)
-    toks = sorted(data_dir.glob("tokenizer*.json")) if data_dir.is_dir() else []
+    toks = tokenizer_files(data_dir) if data_dir.is_dir() else {}
     notes = [] if toks else [f"no tokenizer found in data.path={data_dir}"]
     return Loaded(model=model, source=str(step), run_config=run_cfg, tokenizer_files=toks,
                   notes=notes)

@@ -36,6 +36,7 @@ MODEL_SOURCES = [
     ("model", "adaptive.py"),
     ("model", "layers.py"),
     ("model", "lm.py"),
+    ("model", "decode.py"),
 ]
 
 _RELATIVE_IMPORT = re.compile(r"^\s*from \.+[\w.]* import .*$")

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from ..config.schema import RunConfig
+from ..data.tokenizer import tokenizer_files
 
 RUN_CONFIG_NAME = "training_config.yaml"
 EVAL_NAME = "eval.json"
-TOKENIZER_GLOB = "tokenizer*.json"
 
 
 @dataclass
@@ -23,12 +23,13 @@ class Loaded:
     model: torch.nn.Module
     source: str
     run_config: RunConfig | None = None
-    tokenizer_files: list[Path] = field(default_factory=list)
+    tokenizer_files: dict[str, Path] = field(default_factory=dict)
+    """name in the output -> file (data/tokenizer.py:tokenizer_files)."""
     eval_results: dict | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def read_extras(folder: Path) -> tuple[RunConfig | None, list[Path], dict | None]:
+def read_extras(folder: Path) -> tuple[RunConfig | None, dict[str, Path], dict | None]:
     """(training config, tokenizer files, eval results) stored beside a model in `folder`."""
     from ..config.load import load_config
 
@@ -38,4 +39,4 @@ def read_extras(folder: Path) -> tuple[RunConfig | None, list[Path], dict | None
     evals = None
     if (folder / EVAL_NAME).is_file():
         evals = json.loads((folder / EVAL_NAME).read_text())
-    return run_cfg, sorted(folder.glob(TOKENIZER_GLOB)), evals
+    return run_cfg, tokenizer_files(folder), evals

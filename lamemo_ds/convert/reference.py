@@ -118,7 +118,7 @@ def read_reference(path: Path, model_config: ModelConfig | None) -> Loaded:
         raise CheckpointError(f"{file} does not hold a state dict of tensors")
     dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
     model = from_reference(sd, model_config, dtype=dtype).eval()
-    extras = read_extras(path) if path.is_dir() else (None, [], None)
+    extras = read_extras(path) if path.is_dir() else (None, {}, None)
     return Loaded(model=model, source=str(file), run_config=extras[0], tokenizer_files=extras[1],
                   eval_results=extras[2])
 

@@ -23,9 +23,14 @@ from . import recall as R
 from .manifest import FORMAT, MANIFEST, load_manifest, write_manifest
 from .shards import FlatWriter, ShardWriter, token_dtype
 from .tokenizer import (
+    BPE_FILE,
+    LEGACY_FILE,
+    PRETRAINED_FILE,
+    TOKENIZER_FILE,
     ByteTokenizer,
     build_vocab,
     count_tokens,
+    load_pretrained,
     save_tokenizer,
     tokenizer_from_spec,
     train_bpe,
@@ -55,6 +60,10 @@ class PrepareOptions:
     max_bytes: int | None = None
     recall: R.RecallSpec | None = None
     """--corpus recall: the generator's knobs (sizes are then tokens per split)."""
+    tokenizer_file: str | None = None
+    """tokenizer "pretrained": the Hugging Face tokenizer.json to use (its sha256 is recorded)."""
+    eos_token: str | None = None
+    """tokenizer "pretrained": its end-of-document token (default: found by name)."""
 
 
 class PrepareError(RuntimeError):
@@ -162,6 +171,13 @@ def build_tokenizer(corpus: C.Corpus, o: PrepareOptions, workers: int):
     """Byte needs no data; char/word count the train split (in the pool); BPE trains on it."""
     if o.tokenizer == "byte":
         return ByteTokenizer()
+    if o.tokenizer == "pretrained":
+        if o.tokenizer_file is None:
+            raise PrepareError("--tokenizer pretrained needs --tokenizer-file PATH")
+        try:
+            return load_pretrained(o.tokenizer_file, eos_token=o.eos_token)
+        except ValueError as e:
+            raise PrepareError(str(e)) from None
     if "train" not in corpus.splits:
         raise PrepareError(f"--tokenizer {o.tokenizer} is built from the train split, "
                            f"but corpus {corpus.name} has none")
@@ -264,14 +280,23 @@ def write_split(corpus: C.Corpus, split: str, o: PrepareOptions, tok, out: Path,
 
 
 def _options_json(o: PrepareOptions) -> dict:
+    """The options as JSON; a pretrained tokenizer also by content, so an edited file reruns."""
+    import hashlib
     import json
 
-    return json.loads(json.dumps(asdict(o)))
+    opts = json.loads(json.dumps(asdict(o)))
+    for key in ("tokenizer_file", "eos_token"):  # absent when unset: older folders still match
+        if opts[key] is None:
+            del opts[key]
+    if o.tokenizer_file is not None and Path(o.tokenizer_file).is_file():
+        opts["tokenizer_file_sha256"] = hashlib.sha256(
+            Path(o.tokenizer_file).read_bytes()).hexdigest()
+    return opts
 
 
 def _clear(out: Path) -> None:
     """Remove what an earlier prepare wrote (only our own files; used with --force)."""
-    for name in (MANIFEST, "tokenizer.json", "tokenizer-bpe.json"):
+    for name in (MANIFEST, TOKENIZER_FILE, LEGACY_FILE, BPE_FILE, PRETRAINED_FILE):
         (out / name).unlink(missing_ok=True)
     for split in C.SPLITS:
         if (out / split).is_dir():
@@ -292,7 +317,8 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
         if not force and old.get("options") == opts:
             return old, False
         if not force:
-            diff = sorted(k for k in opts if old.get("options", {}).get(k) != opts[k])
+            was = old.get("options", {})
+            diff = sorted(k for k in opts.keys() | was.keys() if was.get(k) != opts.get(k))
             raise PrepareError(f"{out} already holds data prepared with other options "
                                f"(differ: {diff}); pass --force to overwrite it")
     if force:
@@ -316,8 +342,9 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
         "format": FORMAT, "corpus": corpus.name, "options": opts,
         "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name,
         "doc_eos": corpus.doc_eos,
-        "tokenizer": {"kind": tok.kind, "id": tok_id, "file": "tokenizer.json",
-                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+        "tokenizer": {"kind": tok.kind, "id": tok_id, "file": TOKENIZER_FILE,
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                      **({"source": tok.source} if tok.kind == "pretrained" else {})},
         "splits": splits,
         **({"recall": opts["recall"]} if o.corpus == "recall" else {}),
         "stats": {"clean": stats.as_dict(), "text_bytes": text_bytes,

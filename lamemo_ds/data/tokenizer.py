@@ -1,9 +1,12 @@
-"""Tokenizers saved beside the shards: byte, char vocab, word vocab and a locally trained BPE.
+"""Tokenizers saved beside the shards: byte, char vocab, word vocab, a locally trained BPE and a
+pretrained Hugging Face `tokenizer.json` (GPT-2 / Llama-style BPE, `prepare --tokenizer-file`).
 
-All four share one small interface (encode / encode_array / decode / vocab_size / eos_id) so the
-prepare pipeline and the evaluation code never branch on the kind. The file `tokenizer.json`
-beside the shards describes the tokenizer completely; its sha256 is the tokenizer id the manifest
-records, so shards and vocabulary can never be silently mixed.
+All share one small interface (encode / encode_array / decode / vocab_size / eos_id) so the
+prepare pipeline and the evaluation code never branch on the kind. The file `lamemo_tokenizer.json`
+beside the shards describes the tokenizer completely (with, for bpe and pretrained, the Hugging
+Face tokenizer file it names); the sha256 of both is the tokenizer id the manifest records, so
+shards and vocabulary can never be silently mixed. `tokenizer.json` is left to Hugging Face's
+format (HF exports ship one); folders written before the rename keep working (LEGACY_FILE).
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "lamemo_tokenizer.json"
+LEGACY_FILE = "tokenizer.json"  # our description's name before HF exports needed it
 BPE_FILE = "tokenizer-bpe.json"
+PRETRAINED_FILE = "tokenizer-pretrained.json"
 EOS = "<eos>"
 UNK = "<unk>"
-KINDS = ("byte", "char", "word", "bpe")
+KINDS = ("byte", "char", "word", "bpe", "pretrained")
+# end-of-text tokens of common pretrained tokenizers (GPT-2, Llama 1/2, Llama 3, ours), in order
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", EOS)
 
 
 def split_lines(text: str) -> list[str]:
@@ -120,20 +127,28 @@ class VocabTokenizer:
 
 
 class BpeTokenizer:
-    """Byte-level BPE from the `tokenizers` package, trained locally on the train split.
+    """A `tokenizers` BPE: trained locally on the train split (kind "bpe") or a pretrained one
+    read from a Hugging Face tokenizer.json (kind "pretrained").
 
-    The pre-tokenizer first splits after every newline, so encoding a document line block by
-    line block (what prepare does for long documents) gives exactly the ids of encoding it whole.
+    The trained BPE's pre-tokenizer first splits after every newline, so encoding a document line
+    block by line block (what prepare does for long documents) gives exactly the ids of encoding
+    it whole. A pretrained tokenizer is used as it is: its ids can differ from whole-document
+    encoding at those block cuts (one every MiB of text), which prepare accepts.
+
+    Args:
+        tok: the `tokenizers.Tokenizer`.
+        kind: "bpe" or "pretrained".
+        eos_token: the end-of-document token (must be in the vocabulary).
+        source: pretrained: the name of the file it was read from (recorded, not used).
     """
 
-    kind = "bpe"
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.eos_id = tok.token_to_id(EOS)
+    def __init__(self, tok, *, kind: str = "bpe", eos_token: str = EOS, source: str | None = None):
+        self.tok, self.kind, self.eos_token, self.source = tok, kind, eos_token, source
+        self.eos_id = tok.token_to_id(eos_token)
         if self.eos_id is None:
-            raise ValueError(f"BPE tokenizer lacks the special token {EOS}")
+            raise ValueError(f"{kind} tokenizer lacks the special token {eos_token}")
         self.vocab_size = tok.get_vocab_size()
+        self.file = BPE_FILE if kind == "bpe" else PRETRAINED_FILE
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -145,8 +160,38 @@ class BpeTokenizer:
         return self.tok.decode([int(i) for i in ids if int(i) != self.eos_id])
 
     def spec(self) -> dict:
-        return {"kind": "bpe", "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "file": BPE_FILE}
+        if self.kind == "bpe":
+            return {"kind": "bpe", "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                    "file": BPE_FILE}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "eos_token": self.eos_token, "file": self.file, "source": self.source}
+
+
+def load_pretrained(path: str | Path, *, eos_token: str | None = None) -> BpeTokenizer:
+    """A Hugging Face tokenizer.json as a "pretrained" tokenizer; the end-of-document token is
+    `eos_token`, else the first of EOS_CANDIDATES the vocabulary holds.
+
+    Raises:
+        ValueError: the file is missing, not a tokenizer.json, or has no end-of-document token.
+    """
+    from tokenizers import Tokenizer as HfTokenizer
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--tokenizer-file {p}: not found (give a Hugging Face tokenizer.json)")
+    try:
+        tok = HfTokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"--tokenizer-file {p}: not a Hugging Face tokenizer.json "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    if eos_token is None:
+        eos_token = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+        if eos_token is None:
+            raise ValueError(f"--tokenizer-file {p}: none of {list(EOS_CANDIDATES)} is in its "
+                             "vocabulary; name its end-of-text token with --eos-token")
+    elif tok.token_to_id(eos_token) is None:
+        raise ValueError(f"--eos-token {eos_token!r} is not in the vocabulary of {p}")
+    return BpeTokenizer(tok, kind="pretrained", eos_token=eos_token, source=p.name)
 
 
 Tokenizer = ByteTokenizer | VocabTokenizer | BpeTokenizer
@@ -193,53 +238,80 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_freq: int = 2) -> Bp
 
 
 def save_tokenizer(tok: Tokenizer, data_dir: str | Path) -> str:
-    """Write tokenizer.json (+ the BPE model file) atomically; return the tokenizer id (sha256)."""
+    """Write lamemo_tokenizer.json (+ the BPE / pretrained tokenizer file) atomically; return the
+    tokenizer id (sha256)."""
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     if isinstance(tok, BpeTokenizer):
-        _atomic_write(d / BPE_FILE, tok.tok.to_str().encode())
+        _atomic_write(d / tok.file, tok.tok.to_str().encode())
     body = json.dumps(tok.spec(), ensure_ascii=False, sort_keys=True).encode()
     _atomic_write(d / TOKENIZER_FILE, body)
     return tokenizer_id(d)
 
 
+def _spec_path(d: Path) -> Path | None:
+    """lamemo_tokenizer.json, or a tokenizer.json in our format written before the rename."""
+    if (d / TOKENIZER_FILE).is_file():
+        return d / TOKENIZER_FILE
+    legacy = d / LEGACY_FILE
+    if legacy.is_file():
+        try:
+            if "kind" in json.loads(legacy.read_text()):
+                return legacy
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return None
+
+
+def tokenizer_files(folder: str | Path) -> dict[str, Path]:
+    """The files that make up the tokenizer of `folder`: {name to copy it under: path}."""
+    d = Path(folder)
+    spec_path = _spec_path(d)
+    if spec_path is None:
+        return {}
+    files = {TOKENIZER_FILE: spec_path}
+    name = json.loads(spec_path.read_text()).get("file")
+    if name and (d / name).is_file():
+        files[name] = d / name
+    return files
+
+
 def tokenizer_id(data_dir: str | Path) -> str:
-    """sha256 over tokenizer.json (and the BPE file): changes whenever any id would change."""
-    d = Path(data_dir)
-    h = hashlib.sha256((d / TOKENIZER_FILE).read_bytes())
-    if (d / BPE_FILE).is_file():
-        h.update((d / BPE_FILE).read_bytes())
+    """sha256 over the description (and its BPE file): changes whenever any id would change."""
+    files = tokenizer_files(data_dir)
+    if not files:
+        raise FileNotFoundError(f"{Path(data_dir) / TOKENIZER_FILE} not found")
+    h = hashlib.sha256()
+    for path in files.values():
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
-    """The tokenizer a prepared data folder was written with."""
+    """The tokenizer a prepared data folder (or a model folder with its tokenizer) holds."""
     d = Path(data_dir)
-    path = d / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `lamemo prepare --out {d}` first")
+    path = _spec_path(d)
+    if path is None:
+        raise FileNotFoundError(f"{d / TOKENIZER_FILE} not found: run `lamemo prepare --out {d}` "
+                                "first")
     spec = json.loads(path.read_text())
-    kind = spec.get("kind")
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind in ("char", "word"):
-        return VocabTokenizer(kind, spec["vocab"])
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HfTokenizer
-
-        return BpeTokenizer(HfTokenizer.from_file(str(d / spec["file"])))
-    raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (expected one of {KINDS})")
+    if spec.get("kind") not in KINDS:
+        raise ValueError(f"{path}: unknown tokenizer kind {spec.get('kind')!r} "
+                         f"(expected one of {KINDS})")
+    return tokenizer_from_spec(spec, d)
 
 
 def tokenizer_from_spec(spec: dict, data_dir: str | Path | None = None) -> Tokenizer:
-    """Rebuild a tokenizer in a worker process from its spec (BPE needs the saved file)."""
+    """Rebuild a tokenizer from its spec (BPE and pretrained need the saved file beside it)."""
     if spec["kind"] == "byte":
         return ByteTokenizer()
     if spec["kind"] in ("char", "word"):
         return VocabTokenizer(spec["kind"], spec["vocab"])
     from tokenizers import Tokenizer as HfTokenizer
 
-    return BpeTokenizer(HfTokenizer.from_file(str(Path(data_dir) / spec["file"])))
+    tok = HfTokenizer.from_file(str(Path(data_dir) / spec["file"]))
+    return BpeTokenizer(tok, kind=spec["kind"], eos_token=spec.get("eos_token", EOS),
+                        source=spec.get("source"))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
