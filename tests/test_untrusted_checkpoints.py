@@ -221,3 +221,32 @@ def test_old_format_rank_state_is_refused_with_a_way_out(copy):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-3000:]
     new = run / "checkpoints" / "step-00000003" / "lamemo" / "rank-00000.pt"
     assert get_unsafe_globals_in_checkpoint(new) == []
+
+
+@pytest.mark.unit
+def test_rng_state_is_plain_and_restores_every_generator(tmp_path):
+    """The RNG piece saves numpy's state as a tensor and numbers: it loads with
+    weights_only=True and no extra globals, and restores every generator (the cached gaussian
+    included); the loader refuses a pickled function, running nothing."""
+    import random
+
+    import numpy as np
+
+    from lamemo_ds.checkpoint.safe_load import UntrustedCheckpointError, load_pt
+    from lamemo_ds.train.state import RNG
+
+    rng = RNG()
+    rng.seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    torch.save({"rng": rng.state_dict()}, tmp_path / "rank.pt")
+    want = (random.random(), np.random.randn(), np.random.rand(2).tolist(), torch.rand(2))
+    rng.seed(9)
+    rng.load_state_dict(torch.load(tmp_path / "rank.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.randn(), np.random.rand(2).tolist(), torch.rand(2))
+    assert want[:3] == got[:3] and torch.equal(want[3], got[3])
+
+    mark = tmp_path / "MARK"
+    torch.save({"w": torch.ones(2), "x": Payload(mark)}, tmp_path / "bad.pt")
+    with pytest.raises(UntrustedCheckpointError, match=r"bad\.pt holds posix\.system"):
+        load_pt(tmp_path / "bad.pt")
+    assert not mark.exists()
