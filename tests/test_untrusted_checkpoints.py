@@ -249,4 +249,9 @@ def test_rng_state_is_plain_and_restores_every_generator(tmp_path):
     torch.save({"w": torch.ones(2), "x": Payload(mark)}, tmp_path / "bad.pt")
     with pytest.raises(UntrustedCheckpointError, match=r"bad\.pt holds posix\.system"):
         load_pt(tmp_path / "bad.pt")
+    import pickle  # torch's legacy format: a bare pickle first, no zip archive to list
+
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps(Payload(mark), protocol=2))
+    with pytest.raises(UntrustedCheckpointError, match=r"legacy\.pt is not plain checkpoint"):
+        load_pt(tmp_path / "legacy.pt")
     assert not mark.exists()

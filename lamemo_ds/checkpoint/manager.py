@@ -272,24 +272,23 @@ class CheckpointManager:
         if chosen < 0:
             return None
         path = self.root / step_dir_name(chosen)
-        self._check_safe(path)
         return Found(path=path, step=chosen, meta=json.loads((path / "meta.json").read_text()))
 
-    def _check_safe(self, path: Path) -> None:
-        """Every .pt of the chosen checkpoint holds plain data only (rank 0 reads them, every
-        rank gets the verdict) before DeepSpeed's load_checkpoint unpickles them in full."""
+    def check_safe(self, found: Found) -> None:
+        """Every .pt of `found` holds plain data only (collective: rank 0 reads them with the
+        restricted loader, every rank gets the verdict), so DeepSpeed's load_checkpoint, which
+        unpickles in full, meets no code; raises UntrustedCheckpointError on every rank."""
         if is_trusted():
             return
         refused = None
         if self.comm.rank == 0:
             try:
-                check_files(sorted(path.rglob("*.pt")))
+                check_files(sorted(found.path.rglob("*.pt")))
             except UntrustedCheckpointError as e:
                 refused = e
         if self.comm.broadcast_int(int(refused is not None)):
-            if refused is None:
-                refused = UntrustedCheckpointError(path, ["(see rank 0's message)"])
-            raise refused
+            raise refused or UntrustedCheckpointError(
+                found.path, reason="a file rank 0 names in its message")
 
     @staticmethod
     def load_rank_state(found: Found, rank: int) -> dict:

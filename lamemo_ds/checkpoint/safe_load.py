@@ -49,10 +49,14 @@ class UntrustedCheckpointError(Exception):
     """A `.pt` file holds an object whose loading would run code (not a CheckpointError: the
     CLI turns it into one line and exit code 2, whatever command read the file)."""
 
-    def __init__(self, path: str | Path, refused: Iterable[str]):
+    def __init__(self, path: str | Path, refused: Iterable[str] = (), reason: str = ""):
         self.path, self.refused = Path(path), sorted(refused)
         names = ", ".join(self.refused)
-        if set(self.refused) <= _OLD_RANK_STATE and self.path.parent.name == "lamemo":
+        if reason:
+            msg = (f"{self.path} is not plain checkpoint data (the restricted loader met: "
+                   f"{reason}): loading it could run code, so it was not loaded; if you trust "
+                   f"where this checkpoint came from, rerun with {TRUST_FLAG}")
+        elif set(self.refused) <= _OLD_RANK_STATE and self.path.parent.name == "lamemo":
             msg = (f"{self.path} is a training-state file in the old format (pickled numpy "
                    f"objects: {names}); if you trust where it came from, run once with "
                    f"{TRUST_FLAG} (a resumed `lamemo train` then writes its next checkpoint in "
@@ -118,8 +122,14 @@ def load_pt(path: str | Path, *, map_location="cpu", mmap: bool = False):
         with torch.serialization.safe_globals([_resolve(n) for n in sorted(names)]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # what the restricted unpickler met (an opcode...)
-        first = str(e).strip().splitlines()
-        raise UntrustedCheckpointError(path, [first[0] if first else type(e).__name__]) from None
+        raise UntrustedCheckpointError(path, reason=_reason(str(e))) from None
+
+
+def _reason(message: str) -> str:
+    """The point of torch's weights-only error (its text around it is advice to unpickle)."""
+    text = message.partition("WeightsUnpickler error:")[2] or message
+    text = text.partition("Check the documentation")[0]
+    return " ".join(text.split()) or "an unsupported pickle"
 
 
 def check_files(paths: Iterable[str | Path]) -> None:
