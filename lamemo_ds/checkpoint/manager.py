@@ -280,15 +280,20 @@ class CheckpointManager:
         unpickles in full, meets no code; raises UntrustedCheckpointError on every rank."""
         if is_trusted():
             return
-        refused = None
+        error: Exception | None = None
         if self.comm.rank == 0:
             try:
                 check_files(sorted(found.path.rglob("*.pt")))
-            except UntrustedCheckpointError as e:
-                refused = e
-        if self.comm.broadcast_int(int(refused is not None)):
-            raise refused or UntrustedCheckpointError(
+            except Exception as e:  # any failure on rank 0 must reach every rank, not hang them
+                error = e
+        code = self.comm.broadcast_int(0 if error is None else
+                                       1 if isinstance(error, UntrustedCheckpointError) else 2)
+        if code == 1:
+            raise error or UntrustedCheckpointError(
                 found.path, reason="a file rank 0 names in its message")
+        if code == 2:
+            raise RuntimeError(f"cannot read checkpoint {found.path}: " + (
+                str(error) if error else "see rank 0's message"))
 
     @staticmethod
     def load_rank_state(found: Found, rank: int) -> dict:
