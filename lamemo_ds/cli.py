@@ -48,13 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(run, args, name: str) -> int:
-    """run(args) as the exit code; a configuration error is reported in one line (exit 2)."""
+    """run(args) as the exit code; a configuration error or a checkpoint file that would run
+    code when loaded (refused unless --trust-checkpoint) is reported in one line (exit 2)."""
+    from .checkpoint.safe_load import UntrustedCheckpointError, trusting
     from .config.schema import ConfigError
 
     try:
-        return int(run(args) or 0)
+        with trusting(getattr(args, "trust_checkpoint", False)):
+            return int(run(args) or 0)
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
+        return 2
+    except UntrustedCheckpointError as e:
+        print(f"{name}: refused: {e}", file=sys.stderr)
         return 2
 
 

@@ -102,10 +102,9 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 def model_states(out_dir: Path, step: int) -> dict:
-    import torch
-
     from lamemo_ds.checkpoint.manager import step_dir_name
+    from lamemo_ds.checkpoint.safe_load import load_pt
 
     path = out_dir / "checkpoints" / step_dir_name(step) / "deepspeed" / \
         "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return load_pt(path)["module"]  # the restricted loader reads our own checkpoints

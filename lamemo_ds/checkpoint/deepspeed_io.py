@@ -5,7 +5,8 @@ Weights come from the fp32 master copy wherever DeepSpeed keeps one (the ZeRO pa
 optimizer files, merged by deepspeed.utils.zero_to_fp32), else from the module state of
 mp_rank_00 (ZeRO 0 in fp32). Before anything is merged every expected file is checked to exist and
 to be an intact torch archive (CRC of every entry), so a partial or corrupt checkpoint is refused
-with the name of the missing or bad file.
+with the name of the missing or bad file. Every file is read with the restricted loader
+(safe_load.py) or checked with it before DeepSpeed's zero_to_fp32 unpickles it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from ..config.schema import ConfigError, RunConfig
 from .layer_map import LAYER_MAP, logical_state_dict
 from .manager import DS_TAG, MANIFEST, locate, verify
+from .safe_load import UntrustedCheckpointError, check_files, load_pt
 from .safetensors_io import CheckpointError
 
 MODEL_STATES_02 = "mp_rank_00_model_states.pt"
@@ -65,7 +67,9 @@ def _find_optim(step: Path, rank: int) -> Path:
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_pt(path)
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:  # unpickling raises many types
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
 
@@ -123,8 +127,9 @@ def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict
         return _widen(module, info["files"][0], quiet)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    ds = ds_folder(step)
+    check_files(sorted(ds.glob("*.pt")))  # zero_to_fp32 unpickles every file it globs in full
     try:
-        ds = ds_folder(step)
         return get_fp32_state_dict_from_zero_checkpoint(str(ds.parent), tag=ds.name)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"cannot merge ZeRO-{info['zero_stage']} partitions in {step}: "

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_load import load_pt
+
 LAYER_MAP = "layer_map.json"
 DP_MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -62,8 +64,7 @@ def logical_state_dict(ds_dir: str | Path) -> dict[str, torch.Tensor]:
         if not (ds_dir / DP_MODEL_STATES).is_file():
             raise FileNotFoundError(f"{ds_dir}: neither {LAYER_MAP} nor {DP_MODEL_STATES}; not "
                                     "a lamemo checkpoint")
-        return torch.load(ds_dir / DP_MODEL_STATES, map_location="cpu",
-                          weights_only=False)["module"]
+        return load_pt(ds_dir / DP_MODEL_STATES)["module"]
     layers = record["layers"]
     io = [k for k, e in layers.items() if e["kind"] == "io"]
     out: dict[str, torch.Tensor] = {}
@@ -71,7 +72,7 @@ def logical_state_dict(ds_dir: str | Path) -> dict[str, torch.Tensor]:
         files = layer_files(ds_dir, key)
         if not files:
             raise FileNotFoundError(f"{ds_dir}: layer file layer_{key}-*model_states.pt missing")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)
+        sd = load_pt(files[0])
         if e["kind"] == "io":
             keep = "word_emb." if key == io[0] else "crit."
             sd = {k: v for k, v in sd.items() if k.startswith(keep)}

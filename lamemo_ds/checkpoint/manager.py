@@ -13,7 +13,8 @@ Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)
                                and zero_pp_rank_*_mp_rank_00_optim_states.pt (ZeRO 1-3)
       lamemo/rank-00000.pt     per-rank training state, one dict of Stateful pieces by name
                                (train/state.py: progress, streams, memory, rng, lr), each
-                               saved with its state_dict()
+                               saved with its state_dict(): tensors and plain data only, read
+                               with checkpoint.safe_load.load_pt (no pickled objects)
       config.yaml              the resolved run config (rebuild the model with
                                config.load.load_config(path).model)
       meta.json                step, world size, data-parallel size, precision, ZeRO stage, time
@@ -25,8 +26,9 @@ writes its own training state (temp file + os.replace + fsync); rank 0 writes co
 manifest, renames ``step-N.tmp`` to ``step-N``, then replaces ``latest`` atomically and deletes all
 but the newest `keep_last` complete checkpoints. A crash at any point leaves the previous complete
 checkpoint untouched. Resume picks the newest folder whose manifest verifies (sizes and sha256),
-says why it skipped any newer one, and all ranks use rank 0's choice. The folder must be on a file
-system every rank sees (as DeepSpeed's own checkpoints require).
+says why it skipped any newer one, and all ranks use rank 0's choice; rank 0 also loads every .pt
+of it with the restricted loader (safe_load.check_files) before DeepSpeed unpickles any. The
+folder must be on a file system every rank sees (as DeepSpeed's own checkpoints require).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Protocol
 import torch
 
 from ..fileio import sha256_file
+from .safe_load import UntrustedCheckpointError, check_files, is_trusted, load_pt
 
 DS_TAG = "deepspeed"
 MANIFEST = "manifest.json"
@@ -271,10 +274,31 @@ class CheckpointManager:
         path = self.root / step_dir_name(chosen)
         return Found(path=path, step=chosen, meta=json.loads((path / "meta.json").read_text()))
 
+    def check_safe(self, found: Found) -> None:
+        """Every .pt of `found` holds plain data only (collective: rank 0 reads them with the
+        restricted loader, every rank gets the verdict), so DeepSpeed's load_checkpoint, which
+        unpickles in full, meets no code; raises UntrustedCheckpointError on every rank."""
+        if is_trusted():
+            return
+        error: Exception | None = None
+        if self.comm.rank == 0:
+            try:
+                check_files(sorted(found.path.rglob("*.pt")))
+            except Exception as e:  # any failure on rank 0 must reach every rank, not hang them
+                error = e
+        code = self.comm.broadcast_int(0 if error is None else
+                                       1 if isinstance(error, UntrustedCheckpointError) else 2)
+        if code == 1:
+            raise error or UntrustedCheckpointError(
+                found.path, reason="a file rank 0 names in its message")
+        if code == 2:
+            raise RuntimeError(f"cannot read checkpoint {found.path}: " + (
+                str(error) if error else "see rank 0's message"))
+
     @staticmethod
     def load_rank_state(found: Found, rank: int) -> dict:
         """The saved training state of `rank`: {name: state_dict} as written by save()."""
-        return torch.load(found.rank_file(rank), map_location="cpu", weights_only=False)
+        return load_pt(found.rank_file(rank))
 
     def load_state(self, found: Found, rank: int, state: Mapping[str, Stateful],
                    names: Iterable[str] | None = None) -> None:

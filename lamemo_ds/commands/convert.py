@@ -16,6 +16,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..checkpoint.safe_load import add_trust_argument
     from ..config.load import add_config_arguments
     from ..convert.registry import FORMATS, FORMATS_IN, FORMATS_OUT
 
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "schedule continues (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_trust_argument(p)
 
 
 def _configs(args):

@@ -27,6 +27,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..checkpoint.safe_load import add_trust_argument
+
     p.add_argument("--model", required=True, help="folder written by `lamemo convert`, or a "
                    "DeepSpeed checkpoint (run folder, its checkpoints/ or a step-N/)")
     p.add_argument("--from", dest="src_format", choices=["auto", "consolidated", "hf",
@@ -54,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the result in the model folder (eval.json, README card)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_argument(p)
 
 
 def protocol_settings(args, cfg, run_config) -> dict:

@@ -16,6 +16,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..checkpoint.safe_load import add_trust_argument
+
     p.add_argument("path", help="a run folder, its checkpoints/, one step-N/ folder, or a "
                    "consolidated / hf / reference folder")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -23,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the sha256 check of a named step folder's files (a run folder's "
                    "newest complete checkpoint is verified to be found)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_trust_argument(p)
 
 
 def run(args) -> int:

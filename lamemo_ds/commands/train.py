@@ -15,11 +15,13 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..checkpoint.safe_load import add_trust_argument
     from ..config.load import add_config_arguments
 
     add_config_arguments(p, required=True)
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if train.output_dir has checkpoints")
+    add_trust_argument(p)
 
 
 def run(args) -> int:

@@ -16,9 +16,12 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..checkpoint.safe_load import add_trust_argument
+
     p.add_argument("path", help="a run folder, its checkpoints/, one step-N/ folder, or a "
                    "consolidated / hf / reference folder")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    add_trust_argument(p)
 
 
 def run(args) -> int:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..checkpoint import deepspeed_io as dsio
 from ..checkpoint import safetensors_io as sio
 from ..checkpoint.layer_map import layer_files, read_layer_map, rename_keys
 from ..checkpoint.manager import MANIFEST, is_step_folder, locate, verify
+from ..checkpoint.safe_load import load_pt
 from .loaded import EVAL_NAME
 from .reference import REFERENCE_NAME
 
@@ -55,7 +54,7 @@ def _pipeline(ds: Path, record: dict) -> tuple[dict, dict]:
                      "stage": e["stage"]})
         if not files:
             continue
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)
+        sd = load_pt(files[0])
         if e["kind"] == "io":
             io.append(key)
             sd = {k: v for k, v in sd.items() if k.startswith("word_emb." if len(io) == 1
@@ -99,7 +98,7 @@ def inspect_step(step: Path, *, check: bool = True) -> dict:
     ranks = sorted(p.name for p in (step / "lamemo").glob("rank-*.pt"))
     progress = None
     if ranks:
-        saved = torch.load(step / "lamemo" / ranks[0], map_location="cpu", weights_only=False)
+        saved = load_pt(step / "lamemo" / ranks[0])
         progress = saved.get("progress")
     model = None
     try:
@@ -118,7 +117,7 @@ def inspect_folder(path: Path) -> dict:
     from safetensors import safe_open
 
     if (path / REFERENCE_NAME).is_file() and not (path / sio.WEIGHTS_NAME).is_file():
-        sd = torch.load(path / REFERENCE_NAME, map_location="cpu", weights_only=True)
+        sd = load_pt(path / REFERENCE_NAME)
         tensors = {k: _tensor(v) for k, v in sd.items()}
         fmt = "reference"
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import safetensors_io as sio
+from ..checkpoint.safe_load import UntrustedCheckpointError, load_pt
 from ..checkpoint.safetensors_io import CheckpointError
 from ..config.schema import ConfigError, ModelConfig
 from ..model import LaMemoLM
@@ -109,7 +110,9 @@ def read_reference(path: Path, model_config: ModelConfig | None) -> Loaded:
                               "--config/--preset/--set model.* to describe the model")
         model_config, _ = sio.read_model_config(path)
     try:
-        sd = torch.load(file, map_location="cpu", weights_only=True)
+        sd = load_pt(file)
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:  # torch raises several types for a bad pickle/zip
         raise CheckpointError(f"corrupt reference state dict {file}: {e}") from e
     if isinstance(sd, dict) and "model_state_dict" in sd:

@@ -4,7 +4,8 @@
 
 - a `lamemo train` checkpoint (a run folder, its checkpoints/ or one step-N/): the manifest
   (every file's size and sha256), every DeepSpeed file an intact archive (and, for a pipeline
-  layout, every layer file of the layer map), one training-state file per rank, the training
+  layout, every layer file of the layer map), one training-state file per rank holding plain
+  data only (checkpoint/safe_load.py: a file that would run code stops `verify`), the training
   config, and the merged weights against the config's shapes, all finite;
 - a consolidated / hf folder: config.json, the weights (every shard of the index) against the
   config's shapes, all finite, and for hf the generated code compiles;
@@ -24,6 +25,7 @@ import torch
 from ..checkpoint import deepspeed_io as dsio
 from ..checkpoint import safetensors_io as sio
 from ..checkpoint.manager import DS_TAG, is_step_folder, locate, verify
+from ..checkpoint.safe_load import check_files
 from ..config.schema import ConfigError
 
 
@@ -66,10 +68,11 @@ def _verify_step(step: Path, *, located: bool) -> list[Check]:
                             "`lamemo train`): files checked one by one below"))
     if lamemo and (step / "meta.json").is_file():
         meta = json.loads((step / "meta.json").read_text())
-        ranks = len(list((step / "lamemo").glob("rank-*.pt")))
+        files = sorted((step / "lamemo").glob("rank-*.pt"))
+        check_files(files)  # plain data only, else UntrustedCheckpointError (exit 2)
         want = meta.get("world_size")
-        checks.append(Check("training state", ranks == want,
-                            f"{ranks} rank file(s) for world size {want}"))
+        checks.append(Check("training state", len(files) == want,
+                            f"{len(files)} rank file(s) for world size {want}"))
     run_cfg = _attempt(checks, "training config", lambda: dsio.find_run_config(step))
     if run_cfg is not None:
         checks.append(Check("training config", True, f"model.memory={run_cfg.model.memory}, "

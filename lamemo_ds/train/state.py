@@ -46,7 +46,12 @@ class RNG:
         seed_all(seed)
 
     def state_dict(self) -> dict:
-        st = {"python": random.getstate(), "numpy": np.random.get_state(),
+        """Tensors, numbers and tuples only: a checkpoint loads without unpickling objects
+        (checkpoint/safe_load.py), so numpy's state is spelled out rather than pickled."""
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        st = {"python": random.getstate(),
+              "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
               "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             st["cuda"] = torch.cuda.get_rng_state_all()
@@ -54,7 +59,11 @@ class RNG:
 
     def load_state_dict(self, st: dict) -> None:
         random.setstate(st["python"])
-        np.random.set_state(st["numpy"])
+        n = st["numpy"]
+        if isinstance(n, dict):
+            n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                 n["gauss"])
+        np.random.set_state(n)  # else the tuple of an old-format file (--trust-checkpoint)
         torch.set_rng_state(st["torch"])
         if "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda"])

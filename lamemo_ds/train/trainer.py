@@ -269,6 +269,7 @@ class Trainer:
         if found is None:
             return False
         same = self.parallel.same_layout(found.meta)
+        self.ckpt.check_safe(found)  # before DeepSpeed unpickles any file (README: Trust model)
         self.parallel.load_weights(found.path, same_layout=same)
         if same:
             self.ckpt.load_state(found, self.rank, self.state)
