@@ -179,6 +179,14 @@ class Metrics:
         print(f"eval  {step:>7} | {split} loss {result.loss:.4f} | {self.unit} {score:.4f} | "
               f"{result.tokens:,} tokens{tail}", flush=True)
 
+    def flush(self) -> None:
+        """Make the history so far durable (called before each checkpoint, so a killed run
+        loses no step that its checkpoint covers)."""
+        if self.tb is not None:
+            self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

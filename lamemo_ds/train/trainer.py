@@ -258,6 +258,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        self.metrics.flush()  # the history up to this step survives a kill after the save
         meta = checkpoint_meta(self.cfg, self.plan, self.parallel, time=time.time())
         path = self.ckpt.save(self.step, save_weights=self.parallel.save_weights,
                               state=self.state, config_text=dump_config(self.cfg), meta=meta)
