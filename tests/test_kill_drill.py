@@ -67,10 +67,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _wait(cond, timeout_s: float, what: str) -> None:
+def _wait(cond, timeout_s: float, what: str, job: subprocess.Popen | None = None) -> None:
+    """Poll `cond`; fail after `timeout_s`, or at once (with its output) when `job` ended."""
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if job is not None and job.poll() is not None:
+            raise AssertionError(f"the job ended (rc {job.returncode}) before {what}:\n"
+                                 + job.stdout.read()[-3000:])
         time.sleep(0.02)
 
 
@@ -109,21 +113,23 @@ def _attempt(config: Path, run: Path, hold: Path, kill: str, when: str, step: in
     launcher = _launch(config, hold, *args)
     try:
         if when == "save":
-            _wait(hold.exists, 180, f"the save of step {step} to reach phase {phase}")
+            _wait(hold.exists, 180, f"the save of step {step} to reach phase {phase}", launcher)
         else:
-            _wait(lambda: _max_step(run) >= step, 180, f"step {step}")
+            _wait(lambda: _max_step(run) >= step, 180, f"step {step}", launcher)
         workers = _children(launcher.pid)
         assert len(workers) == 2, workers
         if check_refusal:
             _second_run_is_refused(config, run, int(hold.read_text()))
+        at_kill = _max_step(run)
         for pid in [launcher.pid] if kill == "launcher" else workers:
             os.kill(pid, signal.SIGKILL)
         if kill == "workers":
             launcher.wait(timeout=60)  # torchrun notices its failed workers and exits
         else:
             launcher.wait(timeout=10)
-        _wait(lambda: not any(_alive(p) for p in workers), 15,
+        _wait(lambda: not any(_alive(p) for p in workers), 10,
               f"workers {workers} to die with their {kill}")
+        assert _max_step(run) <= at_kill + 1, f"workers trained on after the {kill} was killed"
     finally:
         if launcher.poll() is None:
             launcher.kill()
