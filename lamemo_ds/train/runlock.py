@@ -35,6 +35,7 @@ LOCK_FILE = ".lock"
 LEASE_FILE = ".lease.json"
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
+LEASE_GRACE_S = 1.0  # a new holder writes its lease this soon after its flock
 
 
 class RunFolderLocked(RuntimeError):
@@ -164,11 +165,15 @@ def acquire(run_dir: str | Path, *, job_id: str | None = None, stale_s: float = 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    lease = read_lease(run_dir)
     fd = _try_flock(path)
+    lease = read_lease(run_dir)
     if fd is None:
         # flock is held: by a live run, or by a descriptor a dead holder left to a child
         reason = stale_reason(lease, stale_s=stale_s) if lease else None
+        if reason is not None:  # or by a run that took it a moment ago and writes its lease now
+            time.sleep(LEASE_GRACE_S)
+            lease = read_lease(run_dir)
+            reason = stale_reason(lease, stale_s=stale_s) if lease else None
         if reason is None:
             raise _refusal(run_dir, lease, stale_s=stale_s)
         log(f"lamemo train: taking over the lock of {run_dir} from {holder(lease)}: {reason}")
