@@ -132,6 +132,24 @@ def test_heartbeat_is_refreshed_and_a_takeover_is_noticed(tmp_path, capsys):
     assert (tmp_path / LEASE_FILE).exists()  # not ours any more: left alone
 
 
+def test_run_whose_lock_was_taken_over_kills_itself(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from lamemo_ds.train.runlock import abort_process, acquire
+        acquire({str(tmp_path)!r}, heartbeat_s=0.05, on_lost=abort_process)
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert child.stdout.readline().strip() == "locked"
+    (tmp_path / LEASE_FILE).unlink()  # a lost lease is written again, not a takeover
+    time.sleep(0.3)
+    assert child.poll() is None and read_lease(tmp_path)["pid"] == child.pid
+    (tmp_path / LEASE_FILE).write_text(json.dumps({"host": "x", "pid": 2, "token": "t"}))
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert "taken over by another run (host x, pid 2" in child.stderr.read()
+
+
 def _run_child(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -71,12 +71,13 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
 def _lock_run_folder(comm, run_dir: str, job_id: str | None):
     """Rank 0 takes the run lock before anything is written; every rank learns the outcome.
     Returns the lock (rank 0), None (other ranks) or False (refused: one line on stderr)."""
-    from ..train.runlock import RunFolderLocked, acquire
+    from ..train.runlock import RunFolderLocked, abort_process, acquire
 
     lock, ok = None, 1
     if comm.rank == 0:
         try:
-            lock = acquire(run_dir, job_id=job_id, log=lambda msg: print(msg, flush=True))
+            lock = acquire(run_dir, job_id=job_id, log=lambda msg: print(msg, flush=True),
+                           on_lost=abort_process)
         except RunFolderLocked as e:
             print(f"lamemo train: {e}", file=sys.stderr, flush=True)
             ok = 0

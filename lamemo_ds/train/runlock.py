@@ -13,7 +13,8 @@ A second run is refused (`RunFolderLocked`, exit 2) while the holder is alive. T
 and is taken over with a message, when its flock is free and the lease names this host (flock is
 reliable on one host), when the lease names a process of this host that is gone, or when the
 heartbeat is older than `stale_s` (the holder's host died or hangs). A clean exit removes the
-lease; a killed run leaves it behind, and the next run takes over.
+lease; a killed run leaves it behind, and the next run takes over. A run that finds its lease
+taken over (it hung past `stale_s`) stops writing: `lamemo train` kills itself (`abort_process`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +107,7 @@ class RunLock:
     fd: int
     lease: dict
     heartbeat_s: float = HEARTBEAT_S
+    on_lost: Callable[[], None] = lambda: None
     lost: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -113,16 +117,18 @@ class RunLock:
         atomic_write_bytes(self.run_dir / LEASE_FILE, json.dumps(self.lease).encode())
 
     def _ours(self) -> bool:
+        """False once another run's lease is there (a missing lease is written again)."""
         now = read_lease(self.run_dir)
-        return now is not None and now.get("token") == self.lease["token"]
+        return now is None or now.get("token") == self.lease["token"]
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if not self._ours():
                 self.lost = True
-                print(f"lamemo train: WARNING: the lock of {self.run_dir} was taken over by "
-                      f"another run ({holder(read_lease(self.run_dir) or {})}); this run no "
-                      "longer owns the folder", file=sys.stderr, flush=True)
+                print(f"lamemo train: the lock of {self.run_dir} was taken over by another run "
+                      f"({holder(read_lease(self.run_dir) or {})}), which judged this one dead; "
+                      "this run no longer owns the folder", file=sys.stderr, flush=True)
+                self.on_lost()
                 return
             try:
                 self._write_lease()
@@ -140,10 +146,16 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._ours():
+        if read_lease(self.run_dir) is not None and self._ours():
             (self.run_dir / LEASE_FILE).unlink(missing_ok=True)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def abort_process() -> None:
+    """`on_lost` of a training run: SIGKILL this process at once, so that two runs never write
+    one folder; the launcher (torchrun, srun --kill-on-bad-exit) then ends the other ranks."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _refusal(run_dir: Path, lease: dict | None, *, stale_s: float) -> RunFolderLocked:
@@ -159,9 +171,11 @@ def _refusal(run_dir: Path, lease: dict | None, *, stale_s: float) -> RunFolderL
 
 
 def acquire(run_dir: str | Path, *, job_id: str | None = None, stale_s: float = STALE_S,
-            heartbeat_s: float = HEARTBEAT_S, log=print) -> RunLock:
+            heartbeat_s: float = HEARTBEAT_S, log=print,
+            on_lost: Callable[[], None] = lambda: None) -> RunLock:
     """Take the lock of `run_dir` (created if missing) or raise RunFolderLocked; writes
-    nothing into a folder another run holds. `log` gets the stale-takeover message."""
+    nothing into a folder another run holds. `log` gets the stale-takeover message; `on_lost`
+    runs (in the heartbeat thread) when another run has taken the lock over from this one."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
@@ -191,4 +205,5 @@ def acquire(run_dir: str | Path, *, job_id: str | None = None, stale_s: float = 
     now = time.time()
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id, "since": now,
             "heartbeat": now, "token": secrets.token_hex(8)}
-    return RunLock(run_dir=run_dir, fd=fd, lease=mine, heartbeat_s=heartbeat_s).start()
+    return RunLock(run_dir=run_dir, fd=fd, lease=mine, heartbeat_s=heartbeat_s,
+                   on_lost=on_lost).start()
