@@ -248,3 +248,26 @@ def test_history_keeps_one_line_per_step(tmp_path):
     assert path.read_text().endswith('{"step": 2, "eval": {}}\n')
     assert truncate_history(path, 2) == 0
     assert truncate_history(tmp_path / "missing.jsonl", 0) == 0
+
+
+def test_metrics_open_drops_later_lines_and_purges_tensorboard(tmp_path):
+    """A run starting at step 5 keeps lines up to 5 and tells TensorBoard to drop the events of
+    steps >= 6 that an earlier attempt wrote (a SessionLog START at step 6)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    from lamemo_ds.train.metrics import Metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
+    m = Metrics(tmp_path, enabled=True, tensorboard=True, unit="bpc")
+    m.open(5)
+    m.step(6, loss=2.0, skipped=False, lr=0.1)
+    m.close()
+    assert read_losses(tmp_path / "metrics.jsonl") == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0,
+                                                        6: 2.0}
+    events = [e for f in (tmp_path / "tensorboard").iterdir()
+              for e in EventFileLoader(str(f)).Load()]
+    starts = [e.step for e in events if e.HasField("session_log")
+              and e.session_log.status == SessionLog.START]
+    assert starts == [6]
