@@ -141,3 +141,38 @@ def test_torchrun_variant_survives_usr1_and_requeues(slurm: SlurmCluster, corpus
     saved = run_dir / "checkpoints" / f"step-{int(stopped.group(1)):08d}"
     assert json.loads((saved / "meta.json").read_text())["world_size"] == 2
     assert f"requeued Slurm job {job_id}" in text
+
+
+def test_same_job_twice_into_one_run_folder_refuses_the_second(
+        slurm: SlurmCluster, corpus: Path, tmp_path: Path) -> None:
+    """train.sbatch submitted twice into one RUN_DIR (one task each, so both fit on the 2-CPU
+    node at once): the second exits 2 naming the first job; the first finishes untouched."""
+    steps = 1500  # long enough to still run while the second job starts up
+    run_dir = tmp_path / "run"
+    env = dict(train_env(slurm, run_dir, corpus),
+               TRAIN_ARGS=f"--set train.max_steps={steps} --set train.log_interval=100 "
+                          "--set checkpoint.interval=500 --set train.eval_max_segments=1 "
+                          "--set parallel.backend=gloo")
+    logs = {name: tmp_path / f"{name}.out" for name in ("first", "second")}
+    first, _ = slurm.sbatch(SCRIPT, f"--chdir={REPO}",
+                            *slurm.overrides(ntasks=1, output=logs["first"]), env=env)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(read_losses(metrics)) >= 3, timeout_s=300,
+               what=f"job {first} to train 3 steps ({logs['first']})", poll_s=0.1)
+    second, rc = slurm.sbatch(SCRIPT, f"--chdir={REPO}",
+                              *slurm.overrides(ntasks=1, output=logs["second"]), wait=True,
+                              timeout_s=300, env=env)
+    text = logs["second"].read_text()
+    assert slurm.job(first).get("JobState") == "RUNNING", \
+        f"job {first} ended before job {second} tried the folder: raise `steps`"
+    assert rc == 2, text + slurm.logs_tail()
+    assert "is in use by another run (host " in text and f"Slurm job {first}," in text, text
+    assert "Traceback" not in text and "resumed from" not in text, text
+
+    record = slurm.wait_finished(first, timeout_s=600)
+    log = logs["first"].read_text()
+    assert record["JobState"] == "COMPLETED", log + slurm.logs_tail()
+    assert "taking over" not in log and "resumed from" not in log, log
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{steps:08d}"

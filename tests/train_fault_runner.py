@@ -5,6 +5,9 @@
   --nan-at STEP --fault-rank R     make rank R's loss NaN in step STEP (0-based step index)
   --crash-phase NAME --crash-step S  SIGKILL every rank after checkpoint save phase NAME of step S
   --dump-params PATH               write this rank's parameters to PATH.rankR.pt after each step
+  --hold-phase NAME --hold-step S --hold-file PATH
+                                   in checkpoint save phase NAME of step S, rank 0 creates PATH
+                                   and every rank reaching it sleeps (the kill drill kills there)
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +37,9 @@ def main() -> int:
     p.add_argument("--crash-phase")
     p.add_argument("--crash-step", type=int)
     p.add_argument("--dump-params")
+    p.add_argument("--hold-phase")
+    p.add_argument("--hold-step", type=int)
+    p.add_argument("--hold-file")
     a = p.parse_args()
     rank = discover().rank
     mine = rank == a.fault_rank
@@ -53,6 +61,10 @@ def main() -> int:
     def save_phase(name: str) -> None:
         if name == a.crash_phase and state["step"] == a.crash_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if name == a.hold_phase and state["step"] == a.hold_step:
+            if rank == 0:
+                Path(a.hold_file).write_text(str(os.getpid()))
+            time.sleep(600)
 
     return train(a.config, a.overrides, Hooks(loss=loss_hook, step_end=step_end,
                                               save_phase=save_phase))

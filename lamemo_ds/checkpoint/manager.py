@@ -19,16 +19,21 @@ Folder layout (under ``<train.output_dir>/checkpoints``; the converter reads it)
                                config.load.load_config(path).model)
       meta.json                step, world size, data-parallel size, precision, ZeRO stage, time
       manifest.json            written last: every file above with its size and sha256
-    step-00000100.tmp/         a checkpoint being written (never read; removed by the next save)
+    step-00000100.tmp-PID-NONCE/  a checkpoint being written by the save of rank 0's process PID
+                               (never read; leftovers of killed runs are removed by
+                               `remove_stale_temps` when the next run starts)
 
-Save (every rank calls it): rank 0 makes ``step-N.tmp``; DeepSpeed writes its files; each rank
-writes its own training state (temp file + os.replace + fsync); rank 0 writes config, meta and the
-manifest, renames ``step-N.tmp`` to ``step-N``, then replaces ``latest`` atomically and deletes all
-but the newest `keep_last` complete checkpoints. A crash at any point leaves the previous complete
-checkpoint untouched. Resume picks the newest folder whose manifest verifies (sizes and sha256),
-says why it skipped any newer one, and all ranks use rank 0's choice; rank 0 also loads every .pt
-of it with the restricted loader (safe_load.check_files) before DeepSpeed unpickles any. The
-folder must be on a file system every rank sees (as DeepSpeed's own checkpoints require).
+Save (every rank calls it): rank 0 makes ``step-N.tmp-PID-NONCE`` (a name no other writer uses);
+DeepSpeed writes its files; each rank writes its own training state (a temp file named after host,
+pid and a nonce + os.replace + fsync); rank 0 writes config, meta and the manifest, renames the temp
+folder to ``step-N`` (a step-N that is already there is first moved aside, never written into),
+then replaces ``latest`` atomically and deletes all but the newest `keep_last` complete
+checkpoints. A crash at any point leaves the previous complete checkpoint untouched; the run lock
+(train/runlock.py) keeps a second run from writing into the folder at all. Resume picks the
+newest folder whose manifest verifies (sizes and sha256), says why it skipped any newer one,
+and all ranks use rank 0's choice; rank 0 also loads every .pt of it with the restricted loader
+(safe_load.check_files) before DeepSpeed unpickles any. The folder must be on a file system every
+rank sees (as DeepSpeed's own checkpoints require).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,6 +58,7 @@ from .safe_load import UntrustedCheckpointError, check_files, is_trusted, load_p
 DS_TAG = "deepspeed"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_DIR = re.compile(r"^step-\d+\.(tmp|old)")
 
 
 def step_dir_name(step: int) -> str:
@@ -73,9 +81,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unique_temp(path: Path) -> Path:
+    """A temp name next to `path` that no other writer (host, process, call) uses."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                          f"{secrets.token_hex(4)}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, os.replace, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = unique_temp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -85,7 +99,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = unique_temp(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -219,11 +233,13 @@ class CheckpointManager:
         """
         rank_state = {name: piece.state_dict() for name, piece in state.items()}
         final = self.root / step_dir_name(step)
-        tmp = final.with_name(final.name + ".tmp")
+        # rank 0's pid and a nonce name this save's folder (every rank gets rank 0's values)
+        pid = self.comm.broadcast_int(os.getpid() if self.comm.rank == 0 else 0)
+        nonce = self.comm.broadcast_int(secrets.randbits(32) if self.comm.rank == 0 else 0)
+        tmp = final.with_name(f"{final.name}.tmp-{pid}-{nonce:08x}")
         if self.comm.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "lamemo").mkdir(parents=True)
+            (tmp / "lamemo").mkdir(parents=True)  # fails rather than share a folder
         self.comm.barrier()
         self.on_phase("begin")
         save_weights(str(tmp), DS_TAG)
@@ -241,10 +257,14 @@ class CheckpointManager:
         atomic_write_bytes(tmp / "meta.json", json.dumps(dict(meta, step=step), indent=1).encode())
         write_manifest(tmp, step)
         self.on_phase("manifest")
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        old = None
+        if final.exists():  # a re-run of the same step after a resume: move it aside whole
+            old = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
+            os.rename(final, old)
+        os.rename(tmp, final)  # fails if a step-N appeared meanwhile: never written into
         _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         self.on_phase("renamed")
         atomic_write_bytes(self.root / "latest", (final.name + "\n").encode())
         self.on_phase("latest")
@@ -254,8 +274,14 @@ class CheckpointManager:
         complete = self.list_steps()
         for step in complete[:-self.keep_last]:
             shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
-        for p in self.root.glob("step-*.tmp"):
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temp folders of saves that never finished (rank 0, at the start of a run
+        that holds the run lock: no other writer can be filling them); returns them."""
+        stale = [p for p in self.root.glob("step-*") if p.is_dir() and _TEMP_DIR.match(p.name)]
+        for p in stale:
             shutil.rmtree(p, ignore_errors=True)
+        return stale
 
     # ------------------------------------------------------------------------- resume
     def list_steps(self) -> list[int]:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
+
+# the parent as it was when this worker started, before torch loads (dist.die_with_launcher)
+LAUNCHER_PID = os.getppid()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +39,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     `hooks` (train.trainer.Hooks) is the fault-injection point of the tests. The trainer picks
     its parallel strategy (data or pipeline parallel) from the plan.
     """
-    from ..config.load import dump_config, load_config
-    from ..fileio import require_shared_folder
+    from ..config.load import load_config
 
     cfg = load_config(config, overrides)  # unknown keys and bad values fail here, quickly
     import torch
@@ -44,9 +47,10 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     from ..config.deepspeed import deepspeed_config
     from ..config.derive import World, resolve
     from ..parallel import dist
-    from ..train.signals import EXIT_NONFINITE
+    from ..train.signals import EXIT_CONFIG
 
     denv = dist.discover()
+    dist.die_with_launcher(LAUNCHER_PID, denv.launcher)
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
     deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -55,6 +59,47 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
     dist.init_distributed(denv, backend=plan.backend)
     device = dist.device_for(denv)
     comm = dist.Comm(device if plan.backend == "nccl" else None)
+    lock = _lock_run_folder(comm, cfg.train.output_dir, dist.slurm_job_id())
+    if lock is False:
+        torch.distributed.destroy_process_group()
+        return EXIT_CONFIG
+    try:
+        return _train(cfg, plan, denv, comm, device, hooks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_folder(comm, run_dir: str, job_id: str | None):
+    """Rank 0 takes the run lock before anything is written; every rank learns the outcome.
+    Returns the lock (rank 0), None (other ranks) or False (refused: one line on stderr)."""
+    from ..train.runlock import RunFolderLocked, abort_process, acquire
+
+    lock, ok = None, 1
+    if comm.rank == 0:
+        try:
+            lock = acquire(run_dir, job_id=job_id, log=lambda msg: print(msg, flush=True),
+                           on_lost=abort_process)
+        except RunFolderLocked as e:
+            print(f"lamemo train: {e}", file=sys.stderr, flush=True)
+            ok = 0
+        except OSError as e:  # e.g. a read-only or missing mount
+            print(f"lamemo train: cannot lock the run folder train.output_dir={run_dir} ({e}); "
+                  "give a folder this user can write", file=sys.stderr, flush=True)
+            ok = 0
+    if comm.broadcast_int(ok) == 0:
+        return False
+    return lock
+
+
+def _train(cfg, plan, denv, comm, device, hooks) -> int:
+    """The run itself, under the run lock."""
+    import torch
+
+    from ..config.load import dump_config
+    from ..fileio import require_shared_folder
+    from ..parallel import dist
+    from ..train.signals import EXIT_NONFINITE
     from ..train.trainer import NonFiniteAbort, Trainer
 
     if comm.rank == 0:

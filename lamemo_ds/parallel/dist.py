@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,6 +140,34 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     if _under_mpi(env):
         return _from_mpi(env)
     return DistEnv(master_port=int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher(launcher_pid: int, launcher: str) -> bool:
+    """Make the kernel SIGKILL this worker when the process that started it exits.
+
+    A worker must never train on without its launcher: orphans of a killed torchrun keep writing
+    checkpoints into the run folder the restarted job uses. The parent is torchrun's agent, the
+    deepspeed launcher's launch.py, mpirun's proxy (hydra_pmi_proxy / orted) or srun's
+    slurmstepd; killing the outer `deepspeed` or `mpirun` command ends those in turn, and the
+    worker follows. SIGKILL, not SIGTERM: with the launcher gone the collectives of a graceful
+    save can only hang; the newest complete checkpoint is untouched by a kill. `launcher_pid` is
+    the parent seen when the process started: if it is already gone (the parent changed), the
+    worker exits at once. Linux only (prctl); elsewhere, and for a process started without a
+    launcher (launcher "single"), nothing is done. Returns True when armed.
+    """
+    if launcher == "single" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != launcher_pid:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def _free_port() -> int:

@@ -2,9 +2,12 @@
 
 metrics.jsonl (rank 0, in train.output_dir) gets one line per optimizer step
 ({"step", "loss", "skipped", "lr"}), one per log interval ({"step", "interval": {TensorBoard
-scalars}, "alpha": [...]}) and one per evaluation ({"step", "eval": {...}}). After a
-resume, steps that were re-run appear again: the last line of a step wins. Tests compare the
-per-step losses of interrupted and uninterrupted runs from this file.
+scalars}, "alpha": [...]}) and one per evaluation ({"step", "eval": {...}}). One history per
+run: a run that starts at step S (the step of the checkpoint it resumed from, 0 for a fresh start)
+first drops the lines of steps after S (atomically: lines a killed run wrote past its last
+checkpoint, and a line it cut in half) and opens TensorBoard with purge_step=S+1, so the re-run
+steps replace the lost ones and every step appears once. Tests compare the per-step losses of
+interrupted and uninterrupted runs from this file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..checkpoint.manager import atomic_write_bytes
 
 # dense bf16 TFLOP/s of one device, for MFU when logging.peak_tflops is not given
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -38,6 +43,27 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def truncate_history(path: str | Path, step: int) -> int:
+    """Keep the lines of metrics.jsonl `path` up to `step` (atomically); returns how many
+    lines were dropped: later steps, and a last line cut short by a killed process."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+    return dropped
+
+
 def read_losses(path: str | Path) -> dict[int, float]:
     """step -> loss from a metrics.jsonl (the last line of a step wins)."""
     out: dict[int, float] = {}
@@ -49,22 +75,31 @@ def read_losses(path: str | Path) -> dict[int, float]:
 
 
 class Metrics:
-    """Rank 0 writes; other ranks get a Metrics that does nothing (enabled=False)."""
+    """Rank 0 writes; other ranks get a Metrics that does nothing (enabled=False). Nothing is
+    written before `open(step)`, which the trainer calls once it knows the step it starts at."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool, unit: str):
         """unit: 'bpc' for byte/char vocabularies, 'ppl' for words."""
-        self.enabled, self.unit = enabled, unit
+        self.enabled, self.unit, self.tensorboard = enabled, unit, tensorboard
         self.out_dir = Path(out_dir)
         self.tb = None
         self.jsonl = None
-        if not enabled:
+
+    def open(self, start_step: int) -> None:
+        """Start the history at `start_step`: later lines of an earlier attempt are dropped
+        from metrics.jsonl and purged from TensorBoard (see the module docstring)."""
+        if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        dropped = truncate_history(self.out_dir / "metrics.jsonl", start_step)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step} (they are "
+                  "trained again)", flush=True)
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.tb_dir))
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
 
     @property
     def tb_dir(self) -> Path:
@@ -143,6 +178,14 @@ class Metrics:
                 tail += f" (reset {reset.subset_bits:.3f})"
         print(f"eval  {step:>7} | {split} loss {result.loss:.4f} | {self.unit} {score:.4f} | "
               f"{result.tokens:,} tokens{tail}", flush=True)
+
+    def flush(self) -> None:
+        """Make the history so far durable (called before each checkpoint, so a killed run
+        loses no step that its checkpoint covers)."""
+        if self.tb is not None:
+            self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -6,7 +6,8 @@ Exit codes of `lamemo train` (documented for sbatch scripts and wrappers):
   75  (EX_TEMPFAIL) stopped by a signal after saving a checkpoint, not requeued: run the same
       command again to resume;
   3   aborted: too many consecutive non-finite steps (no checkpoint of the bad state is written);
-  2   configuration error (before any process group starts).
+  2   configuration error (before any process group starts), or the run folder is held by
+      another live run (train/runlock.py; nothing is written then).
 """
 
 from __future__ import annotations

@@ -258,6 +258,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        self.metrics.flush()  # the history up to this step survives a kill after the save
         meta = checkpoint_meta(self.cfg, self.plan, self.parallel, time=time.time())
         path = self.ckpt.save(self.step, save_weights=self.parallel.save_weights,
                               state=self.state, config_text=dump_config(self.cfg), meta=meta)
@@ -294,8 +295,12 @@ class Trainer:
     def fit(self) -> int:
         """Train to max_steps; returns the process exit code (see train/signals.py)."""
         cfg = self.cfg
+        if self.rank == 0:  # the run lock is held: no other writer is filling them
+            for p in self.ckpt.remove_stale_temps():
+                self.log(f"removed {p}: a checkpoint save that never finished")
         if cfg.checkpoint.resume:
             self.resume()
+        self.metrics.open(self.step)  # one history: steps after the checkpoint are re-run
         self.metrics.text("config", dump_config(cfg))
         self.metrics.text("plan", self.plan.describe())
         self.log(f"plan: {self.plan.describe()}")
