@@ -48,13 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(run, args, name: str) -> int:
-    """run(args) as the exit code; a configuration error is reported in one line (exit 2)."""
+    """run(args) as the exit code; a configuration or other user error is reported in one line
+    (exit 2)."""
+    from .config.errors import UserError
     from .config.schema import ConfigError
 
     try:
         return int(run(args) or 0)
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
 
 

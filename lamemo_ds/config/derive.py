@@ -6,7 +6,7 @@ machine, and the trainer fails before any process group starts when the numbers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .schema import ConfigError, RunConfig
 
@@ -75,12 +75,23 @@ def _eval_plan(cfg: RunConfig) -> EvalPlan:
         m.same_length if e.same_length is None else e.same_length, e.batch_size)
 
 
+def with_data_vocab(cfg: RunConfig, data_vocab: int) -> RunConfig:
+    """`cfg` with model.vocab_size 'auto' replaced by the data's vocabulary size (the number in
+    the data folder's manifest); a number is kept as it is (the contract check compares it)."""
+    if cfg.model.vocab_size != "auto":
+        return cfg
+    return replace(cfg, model=replace(cfg.model, vocab_size=int(data_vocab))).validate()
+
+
 def resolve(cfg: RunConfig, world: World) -> Plan:
     """Check every cross-section rule and derive the step plan; raises ConfigError naming keys.
 
     The sections' own rules (e.g. ZeRO 2/3 cannot run with pipelines, ParallelConfig.validate)
     are checked first, so a config built in code passes the same checks as a loaded one."""
     cfg.validate()
+    if cfg.model.vocab_size == "auto":
+        raise ConfigError("model.vocab_size: 'auto' is taken from data.path's manifest.json; "
+                          "resolve it first (config.derive.with_data_vocab)")
     t, p = cfg.train, cfg.parallel
     if world.world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world.world_size}")
