@@ -202,9 +202,25 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str,
     return model.eval()
 
 
-def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None):
-    """A consolidated or Hugging Face export folder -> (LaMemoLM in eval mode, config.json)."""
+def check_export_manifest(folder: Path) -> None:
+    """Every file of an export matches the size and sha256 in its manifest.json (written last
+    by `lamemo convert`); a folder without one (older, or made by hand) is not checked."""
+    from .manager import MANIFEST, verify
+
+    if (folder / MANIFEST).is_file():
+        reason = verify(folder)
+        if reason is not None:
+            raise CheckpointError(f"{folder}: {reason}; re-export it, or pass --no-verify to "
+                                  "use it anyway")
+
+
+def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, *,
+                      verify: bool = True):
+    """A consolidated or Hugging Face export folder -> (LaMemoLM in eval mode, config.json);
+    `verify` checks its manifest first (check_export_manifest)."""
     folder = Path(folder)
+    if verify:
+        check_export_manifest(folder)
     cfg, data = read_model_config(folder)
     tensors, _ = load_weights(folder)
     prefix = data.get("weights_prefix", "")
