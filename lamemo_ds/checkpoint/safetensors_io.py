@@ -42,10 +42,14 @@ def parse_dtype(name: str) -> torch.dtype:
 def parse_size(text: str) -> int:
     """'2GB', '500MB', '10KB' or a byte count -> bytes (0 or less: never shard)."""
     t = str(text).strip().upper()
-    for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    try:
+        for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * mult)
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MB, "
+                          "10KB or a byte count") from None
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
