@@ -158,7 +158,7 @@ CASES = {
     "train: missing data folder": (lambda w, t: _train(w, t, folder=t / "nodata"), 2,
                                    ["data.path=", "does not exist", "lamemo prepare"]),
     "train: split folder as data": (lambda w, t: _train(w, t, folder=w.data / "train"), 2,
-                                    ["split folder", f"data.path={w.data}"]),
+                                    ["split folder", "stdlib, and choose"]),
     "train: folder without manifest": (lambda w, t: (t / "d").mkdir() or _train(
         w, t, folder=t / "d"), 2, ["manifest.json"]),
     "train: unknown valid split": (lambda w, t: _train(w, t, data={"valid_split": "dev"}), 2,
@@ -205,7 +205,7 @@ CASES = {
     "eval: missing data folder": (lambda w, t: _eval(w, data=t / "nodata"), 2,
                                   ["--data=", "does not exist"]),
     "eval: split folder as data": (lambda w, t: _eval(w, data=w.data / "valid"), 2,
-                                   [f"--data={w.data}", "--split"]),
+                                   ["split folder", "stdlib, and choose the split with --split"]),
     "eval: unknown split": (lambda w, t: _eval(w, "--split", "dev"), 2, ["--split='dev'"]),
     "eval: empty split": (lambda w, t: _eval(w, "--split", "valid", data=w.empty_valid), 2,
                           ["is empty"]),
@@ -339,8 +339,8 @@ def test_fresh_start_then_requeue_resumes_the_new_run(w, tmp_path):
     assert (old / "metrics.jsonl").is_file() and (old / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [
         "step-00000002", "step-00000003"]
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in x]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3]  # the new run's history only
     r = train()  # a requeue: the same command without flags
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -369,12 +369,15 @@ def test_recorded_eval_keeps_the_export_verified(w, tmp_path, lamemo):
 def test_stop_signal_in_the_final_eval_saves_the_step_once(w, tmp_path):
     """The final checkpoint is written before the final evaluation; a stop signal there exits
     for a requeue without writing the same step again."""
-    cfg = write_config(tmp_path / "c.yaml", w.data, tmp_path / "run", **RUN)
+    sections = dict(RUN, train={"max_steps": 4, "eval_max_segments": 40})  # stop: every 16
+    cfg = write_config(tmp_path / "c.yaml", w.data, tmp_path / "run", **sections)
     (res,) = spawn(cfg, nproc=1, args=("--signal-at", "4", "--fault-rank", "0"))
     assert res.returncode == 75, res.stdout[-3000:]
     saves = [ln for ln in res.stdout.splitlines() if ln.startswith("checkpoint ")]
     assert [ln.split()[-1] for ln in saves] == ["2)", "4)"], saves
     assert "step 4 is saved" in res.stdout
+    out = res.stdout
+    assert out.index("(step 4)") < out.index("evaluation of valid interrupted")  # saved first
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").is_file()
 
 
