@@ -41,8 +41,8 @@ def preflight(cfg, world, *, overwrite: bool = False):
     from ..config.errors import UserError
     from ..data.contract import check_training_data, resolve_data
 
+    plan = resolve(cfg, world)  # the config's own rules first (they need no data)
     cfg, manifest = resolve_data(cfg)
-    plan = resolve(cfg, world)
     check_training_data(cfg, plan, manifest)
     run_dir = Path(cfg.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():

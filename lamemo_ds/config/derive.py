@@ -89,9 +89,6 @@ def resolve(cfg: RunConfig, world: World) -> Plan:
     The sections' own rules (e.g. ZeRO 2/3 cannot run with pipelines, ParallelConfig.validate)
     are checked first, so a config built in code passes the same checks as a loaded one."""
     cfg.validate()
-    if cfg.model.vocab_size == "auto":
-        raise ConfigError("model.vocab_size: 'auto' is taken from data.path's manifest.json; "
-                          "resolve it first (config.derive.with_data_vocab)")
     t, p = cfg.train, cfg.parallel
     if world.world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world.world_size}")
