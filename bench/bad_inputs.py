@@ -58,7 +58,8 @@ def report(s: dict) -> str:
                      f"{c.get('exit 1', 0):>7} {c['passed']:>7}")
     lines.append("  each: the exit code, stderr names the problem, no traceback, no file left "
                  "or changed")
-    lines.append(f"scenarios with a right outcome: {s['scenarios_passed']} of "
+    lines.append(f"the file's other tests (fresh start + requeue, bit flip, vocab auto, stop in "
+                 f"the final eval, prepare counts...): {s['scenarios_passed']} of "
                  f"{len(s['scenarios'])} passed")
     for name, outcome in s["scenarios"].items():
         lines.append(f"  {outcome:<7} {name}")
