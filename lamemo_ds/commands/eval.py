@@ -175,10 +175,12 @@ def _report(split: str, out: dict, s: dict, protocol: str) -> None:
 
 
 def tokenizer_folder(model_path: str | Path, run_config) -> Path | None:
-    """Where the tokenizer of a model is: its export folder (convert copies tokenizer.json
+    """Where the tokenizer of a model is: its export folder (convert copies the tokenizer
     there), else the data folder it was trained on; None when neither holds one."""
+    from ..data.contract import folder_tokenizer
+
     for folder in (Path(model_path), Path(run_config.data.path) if run_config else None):
-        if folder is not None and (folder / "tokenizer.json").is_file():
+        if folder is not None and folder_tokenizer(folder) is not None:
             return folder
     return None
 

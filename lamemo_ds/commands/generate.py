@@ -176,9 +176,9 @@ def _tokenizer(args, model, run_config):
 
     own = tokenizer_folder(args.model, run_config)
     tok_dir = Path(args.tokenizer) if args.tokenizer else own
-    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
-        raise UserError(f"no tokenizer.json in {tok_dir or args.model}: pass --tokenizer "
-                        "DATA_DIR (the data folder the model was trained on)")
+    if tok_dir is None or folder_tokenizer(tok_dir) is None:
+        raise UserError(f"no tokenizer in {tok_dir or args.model}: pass --tokenizer DATA_DIR "
+                        "(the data folder the model was trained on)")
     tokenizer = load_tokenizer(tok_dir)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the model {args.model} has vocab_size {model.config.vocab_size} but "

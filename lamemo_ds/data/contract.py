@@ -16,7 +16,7 @@ from ..config.errors import UserError
 from ..config.schema import RunConfig
 from .manifest import MANIFEST, Manifest, load_manifest
 from .shards import ShardError
-from .tokenizer import TOKENIZER_FILE, tokenizer_id
+from .tokenizer import tokenizer_id
 
 
 class DataError(UserError):
@@ -77,10 +77,12 @@ def check_vocab(model_vocab: int, m: Manifest, *, model_tokenizer: str | None = 
 
 
 def folder_tokenizer(folder: str | Path) -> str | None:
-    """The tokenizer id of a folder holding tokenizer.json (a data folder or an export); None
-    when it holds none."""
-    folder = Path(folder)
-    return tokenizer_id(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    """The tokenizer id of a folder holding a tokenizer (a data folder or an export); None when
+    it holds none."""
+    try:
+        return tokenizer_id(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, Manifest]:
