@@ -405,3 +405,15 @@ def test_the_bad_input_fixtures_are_what_they_say(w):
     assert torch.load(w.run / "checkpoints" / "step-00000004" / "lamemo" / "rank-00000.pt",
                       weights_only=False)["progress"]["step"] == 4
     assert main(["verify", str(w.exp)]) == 0 and main(["verify", str(w.hf)]) == 0
+
+
+def test_generate_reads_what_eval_reads(w, lamemo):
+    """A run folder, one step folder and an export give the same greedy text (the same
+    weights: the run's newest checkpoint); the tokenizer of a run is its training data's."""
+    texts = []
+    for model in (w.run, w.run / "checkpoints" / "step-00000004", w.exp):
+        r = lamemo("generate", "--model", str(model), "--prompt", "def ", "--temperature", "0",
+                   "--max-new-tokens", "8", "--no-stream")
+        assert r.returncode == 0, r.stderr[-2000:]
+        texts.append(r.stdout)
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("def ")
