@@ -417,3 +417,4 @@ def test_generate_reads_what_eval_reads(w, lamemo):
         assert r.returncode == 0, r.stderr[-2000:]
         texts.append(r.stdout)
     assert texts[0] == texts[1] == texts[2] and texts[0].startswith("def ")
+

@@ -109,6 +109,12 @@ def check_resume(cfg: RunConfig, run: Path) -> None:
             f"resuming {folder} with another model: {'; '.join(shape)}. Its weights cannot load "
             "into this model: restore those values, or start a new run in another "
             "train.output_dir (or --no-resume --overwrite)")
+    stages = saved.parallel.pipeline_stages
+    if stages > 1 and cfg.parallel.pipeline_stages == 1:  # the data-parallel reader cannot
+        raise UserError(
+            f"{folder} was written with parallel.pipeline_stages={stages}; resume it with --set "
+            f"parallel.pipeline_stages={stages}, or write it for this layout with `lamemo convert "
+            "--from deepspeed RUN --to deepspeed NEW`")
     if schedule and not cfg.train.allow_schedule_change:
         raise UserError(
             f"resuming {folder} would change the schedule: {'; '.join(schedule)}. Pass --set "
