@@ -112,7 +112,7 @@ def train_one(memory: str, seed: int, a) -> dict:
         "checkpoint.resume": False, "logging.tensorboard": False,
     }
     t0 = time.time()
-    lamemo("train", "--config", a.base, *[x for k, v in sets.items()
+    lamemo("train", "--config", a.base, "--overwrite", *[x for k, v in sets.items()
                                          for x in ("--set", f"{k}={v}")],
            stdout=subprocess.DEVNULL)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -48,8 +48,8 @@ def run_one(memory: str, seed: int, a) -> dict:
     if a.tiny:
         sets += ["train.max_steps=20", "train.eval_interval=0", "train.log_interval=10"]
     t0 = time.time()
-    lamemo("train", "--config", str(CONFIG), *[x for s in sets for x in ("--set", s)],
-           stdout=subprocess.DEVNULL)
+    lamemo("train", "--config", str(CONFIG), "--overwrite",
+           *[x for s in sets for x in ("--set", s)], stdout=subprocess.DEVNULL)
     minutes = (time.time() - t0) / 60
     r = lamemo("eval", "--model", out, "--data", a.data, "--split", "test", "--memory", "both",
                "--batch-size", "16", "--no-progress", capture_output=True, text=True)

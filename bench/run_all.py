@@ -34,6 +34,8 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
                 "equal time, memory gain"),
     "quality_recall": ("quality.py", ["--corpus", "recall"], "recall corpus: lamemo / xl / "
                        "none over seeds, equal steps and equal time, memory gain"),
+    "bad_inputs": ("bad_inputs.py", [], "bad inputs: exit code, one-line error, nothing left "
+                   "behind (tests/test_bad_inputs.py)"),
 }
 
 

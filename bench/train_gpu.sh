@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 "$PYTHON" -m lamemo_ds.cli prepare --corpus stdlib --tokenizer byte --out "$OUT/data" \
     --max-bytes 16M --quiet
 for memory in lamemo xl; do
-    "$PYTHON" -m lamemo_ds.cli train --config configs/enwik8_base.yaml \
+    "$PYTHON" -m lamemo_ds.cli train --config configs/enwik8_base.yaml --overwrite \
         --set data.path="$OUT/data" --set model.memory="$memory" \
         --set train.max_steps="$STEPS" --set train.log_interval=$((STEPS / 3)) \
         --set train.eval_interval=0 --set train.eval_max_segments=2 \

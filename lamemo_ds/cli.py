@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(run, args, name: str) -> int:
-    """run(args) as the exit code; a configuration error or a checkpoint file that would run
-    code when loaded (refused unless --trust-checkpoint) is reported in one line (exit 2)."""
+    """run(args) as the exit code; a configuration or other user error, or a checkpoint file that
+    would run code when loaded (refused unless --trust-checkpoint), is reported in one line
+    (exit 2)."""
     from .checkpoint.safe_load import UntrustedCheckpointError, trusting
+    from .config.errors import UserError
     from .config.schema import ConfigError
 
     try:
@@ -61,6 +63,9 @@ def _run(run, args, name: str) -> int:
         return 2
     except UntrustedCheckpointError as e:
         print(f"{name}: refused: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
 
 

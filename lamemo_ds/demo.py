@@ -68,7 +68,7 @@ def prepare(data: Path, *, max_bytes: str) -> None:
 def train(config: Path, *, nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "lamemo_ds.cli", "train", "--config", str(config),
-           "--no-resume"]
+           "--overwrite"]  # a fresh run each time; an earlier one is moved aside, not resumed
     print("demo: " + " ".join(cmd[2:]), flush=True)
     return subprocess.run(cmd).returncode
 

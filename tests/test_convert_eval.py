@@ -25,7 +25,7 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
                  quiet=True)
     base = ["eval", "--model", str(tmp_path / "m"), "--data", str(corpus), "--split", "valid",
             "--batch-size", "2", "--max-segments", "3", "--no-progress"]
-    r = lamemo(*base, "--record")
+    r = lamemo(*base)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     model, _ = load_model_folder(tmp_path / "m")
@@ -35,8 +35,19 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
     assert res["loss"] == pytest.approx(want.loss, rel=1e-9)
     assert res["bpc"] == pytest.approx(want.bpc, rel=1e-9) and res["tokens"] == 3 * 2 * 8
     assert len(res["loss_by_segment"]) == 3
+    # --record stores a score of the whole split only (a partial one is refused)
+    r = lamemo(*base, "--record")
+    assert r.returncode == 2 and "--max-segments" in r.stderr
+    small = tmp_path / "small"  # a whole split, kept small
+    assert lamemo("prepare", "--corpus", "recall", "--out", str(small), "--quiet",
+                  "--split-sizes", "4000,1000,1000", "--recall-gap", "12").returncode == 0
+    whole = ["eval", "--model", str(tmp_path / "m"), "--data", str(small), "--split", "valid",
+             "--batch-size", "8", "--memory", "carried", "--no-progress", "--record"]
+    r = lamemo(*whole)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
     assert "valid/paper" in json.loads((tmp_path / "m" / "eval.json").read_text())
-    assert f"{res['bpc']}" in (tmp_path / "m" / "README.md").read_text()
+    assert f"{rec['bpc']}" in (tmp_path / "m" / "README.md").read_text()
 
     r = lamemo(*base, "--protocol", "xl", "--mem-len", "24", "--seg-len", "4")
     assert r.returncode == 0, r.stderr[-2000:]

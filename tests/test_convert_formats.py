@@ -116,7 +116,10 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, lamemo):
     cfg["lamemo_model"]["d_inner"] = 48
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
     r = lamemo("convert", "--from", "consolidated", str(tmp_path / "d"), "--to", "reference",
-               str(tmp_path / "o"))
+               str(tmp_path / "o"))  # the edit fails the export's manifest
+    assert r.returncode == 1 and "file config.json" in r.stderr and "--no-verify" in r.stderr
+    r = lamemo("convert", "--from", "consolidated", str(tmp_path / "d"), "--to", "reference",
+               str(tmp_path / "o"), "--no-verify")  # past it, the shapes are checked
     assert r.returncode == 1 and "fc1.weight" in r.stderr and "(48, 16)" in r.stderr
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

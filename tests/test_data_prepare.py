@@ -147,7 +147,9 @@ def test_missing_input_and_unreadable_file_name_the_path(tmp_path):
     (src / "gone.txt").symlink_to(src / "deleted-target.txt")  # listed but cannot be opened
     with pytest.raises(CorpusError, match=r"gone\.txt: file not found"):
         _prep(src, tmp_path / "out2")
-    assert cli_run(_args(corpus="files", input=str(src), out=str(tmp_path / "o3"))) == 1
+    # a bad input is a user error (exit 2), and a failed prepare leaves no folder behind
+    assert cli_run(_args(corpus="files", input=str(src), out=str(tmp_path / "o3"))) == 2
+    assert not (tmp_path / "o3").exists()
 
 
 @pytest.mark.unit

@@ -105,9 +105,13 @@ def test_eval_cli_reports_both_passes_and_the_gain(corpus, tmp_path, lamemo, mem
         assert both["mem_len"] == 0
     else:
         assert both["memory_gain_bpc"] != 0.0 and "memory_gain_note" not in both
+    small = tmp_path / "small"  # --record scores a whole split: a small one
+    assert lamemo("prepare", "--corpus", "recall", "--out", str(small), "--quiet",
+                  "--split-sizes", "4000,1000,1000", "--recall-gap", "12").returncode == 0
     r = lamemo("eval", "--model", str(tmp_path / "consolidated"), "--memory", "carried",
-               "--record", *base)
-    assert r.returncode == 0 and "reset" not in json.loads(r.stdout)
+               "--record", "--data", str(small), "--split", "valid", "--batch-size", "8",
+               "--no-progress")
+    assert r.returncode == 0 and "reset" not in json.loads(r.stdout), r.stderr[-2000:]
     recorded = json.loads((tmp_path / "consolidated" / "eval.json").read_text())
     assert recorded["valid/paper"]["memory"] == "carried"
 

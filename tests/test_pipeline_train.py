@@ -140,8 +140,9 @@ def test_resume_from_other_layout_says_so(data, tmp_path):
                      parallel={"pipeline_stages": 1, "zero_stage": 0},
                      train=dict(TRAIN, max_steps=2), checkpoint={"interval": 2})
     _ok(spawn(c, nproc=1))
-    d = write_config(tmp_path / "d.yaml", data, tmp_path / "c", parallel=PIPE,
-                     train=dict(TRAIN, max_steps=4), checkpoint={"interval": 2})
+    d = write_config(tmp_path / "d.yaml", data, tmp_path / "c", parallel=PIPE,  # 2 more steps
+                     train=dict(TRAIN, max_steps=4, allow_schedule_change=True),
+                     checkpoint={"interval": 2})
     res = spawn(d)
     _ok(res)
     assert "layout changed" in res[0].stdout and "memory reset" in res[0].stdout

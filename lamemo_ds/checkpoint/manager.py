@@ -107,8 +107,9 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(folder: Path, step: int) -> dict:
-    """Size and sha256 of every file under `folder` (the manifest itself excluded)."""
+def write_manifest(folder: Path, step: int | None) -> dict:
+    """Size and sha256 of every file under `folder` (the manifest itself excluded); written
+    last into a checkpoint (step N) and into every export (step None)."""
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -117,6 +118,16 @@ def write_manifest(folder: Path, step: int) -> dict:
     manifest = {"step": step, "created": time.time(), "files": files}
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def update_manifest(folder: Path, names: Iterable[str]) -> None:
+    """Re-record the size and sha256 of the files `names` (rewritten in place, e.g. an export's
+    eval.json and README card) in `folder`'s manifest; every other entry stays as it was."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for rel in names:
+        p = folder / rel
+        manifest["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def verify(folder: Path) -> str | None:

@@ -42,10 +42,14 @@ def parse_dtype(name: str) -> torch.dtype:
 def parse_size(text: str) -> int:
     """'2GB', '500MB', '10KB' or a byte count -> bytes (0 or less: never shard)."""
     t = str(text).strip().upper()
-    for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    try:
+        for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * mult)
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MB, "
+                          "10KB or a byte count") from None
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -202,9 +206,25 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str,
     return model.eval()
 
 
-def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None):
-    """A consolidated or Hugging Face export folder -> (LaMemoLM in eval mode, config.json)."""
+def check_export_manifest(folder: Path) -> None:
+    """Every file of an export matches the size and sha256 in its manifest.json (written last
+    by `lamemo convert`); a folder without one (older, or made by hand) is not checked."""
+    from .manager import MANIFEST, verify
+
+    if (folder / MANIFEST).is_file():
+        reason = verify(folder)
+        if reason is not None:
+            raise CheckpointError(f"{folder}: {reason}; re-export it, or pass --no-verify to "
+                                  "use it anyway")
+
+
+def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, *,
+                      verify: bool = True):
+    """A consolidated or Hugging Face export folder -> (LaMemoLM in eval mode, config.json);
+    `verify` checks its manifest first (check_export_manifest)."""
     folder = Path(folder)
+    if verify:
+        check_export_manifest(folder)
     cfg, data = read_model_config(folder)
     tensors, _ = load_weights(folder)
     prefix = data.get("weights_prefix", "")

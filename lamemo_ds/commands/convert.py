@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--to deepspeed: step number of the written checkpoint, where the LR "
                    "schedule continues (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-verify", action="store_true",
+                   help="read the input even if a file fails its manifest's sha256 check")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_trust_argument(p)
 
@@ -69,7 +71,7 @@ def run(args) -> int:
         model_cfg, run_cfg = _configs(args)
         dtype = parse_dtype(args.dtype) if args.dtype else None
         loaded = read_source(args.src_format, args.input, model_config=model_cfg,
-                             run_config=run_cfg, quiet=args.quiet)
+                             run_config=run_cfg, quiet=args.quiet, verify=not args.no_verify)
         if dtype is None and args.src_format == "deepspeed":
             import torch
 

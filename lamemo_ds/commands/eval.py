@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the result in the model folder (eval.json, README card)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify", action="store_true",
+                   help="use the model even if a file fails its manifest's sha256 check")
     add_trust_argument(p)
 
 
@@ -77,8 +79,10 @@ def protocol_settings(args, cfg, run_config) -> dict:
         "same_length": same if same is not None else getattr(stored, "same_length", None),
     }
     if picks["mem_len"] is None:
-        raise SystemExit("lamemo eval: --protocol xl needs --mem-len (and usually --seg-len, "
-                         "--clamp-len); none is stored in the model's training config")
+        from ..config.errors import UserError
+
+        raise UserError("--protocol xl needs --mem-len (and usually --seg-len, --clamp-len); "
+                        "none is stored in the model's training config")
     defaults = {**paper, "same_length": True}
     return {k: defaults[k] if v is None else v for k, v in picks.items()}
 
@@ -90,8 +94,9 @@ def _batches(args, seg_len: int):
                           loop=False)
 
 
-def load_model(path: str, fmt: str):
-    """(LaMemoLM in eval mode, training RunConfig or None) from any format eval accepts."""
+def load_model(path: str, fmt: str, *, verify: bool = True):
+    """(LaMemoLM in eval mode, training RunConfig or None) from any format eval accepts;
+    `verify` checks the files against the model's sha256 manifest first."""
     import torch
 
     from ..config.load import load_config
@@ -103,11 +108,11 @@ def load_model(path: str, fmt: str):
     if fmt == "deepspeed":
         # DeepSpeed's consolidation prints progress on stdout, which holds only the JSON result
         with contextlib.redirect_stdout(sys.stderr):
-            loaded = read_source("deepspeed", folder, quiet=True)
+            loaded = read_source("deepspeed", folder, quiet=True, verify=verify)
         return loaded.model.float().eval(), loaded.run_config
     from ..checkpoint.safetensors_io import load_model_folder
 
-    model, _ = load_model_folder(folder, dtype=torch.float32)
+    model, _ = load_model_folder(folder, dtype=torch.float32, verify=verify)
     run_cfg_path = folder / RUN_CONFIG_NAME
     return model, load_config(run_cfg_path) if run_cfg_path.is_file() else None
 
@@ -172,24 +177,65 @@ def _report(split: str, out: dict, s: dict, protocol: str) -> None:
               file=sys.stderr)
 
 
+def tokenizer_folder(model_path: str | Path, run_config) -> Path | None:
+    """Where the tokenizer of a model is: its export folder (convert copies the tokenizer
+    there), else the data folder it was trained on; None when neither holds one."""
+    from ..data.contract import folder_tokenizer
+
+    for folder in (Path(model_path), Path(run_config.data.path) if run_config else None):
+        if folder is not None and folder_tokenizer(folder) is not None:
+            return folder
+    return None
+
+
+def _check_args(args) -> None:
+    """The flags alone, before anything is read (UserError: exit 2)."""
+    from ..config.errors import UserError
+
+    if args.record and not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"--record stores the result in a `lamemo convert` folder; {args.model} "
+                        "is not one (convert it first, or drop --record)")
+    if args.record and args.max_segments:
+        raise UserError(f"--record stores a score of the whole split; --max-segments "
+                        f"{args.max_segments} scores part of it (drop one of the two)")
+    for flag, value in (("--batch-size", args.batch_size), ("--seg-len", args.seg_len)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--max-segments", args.max_segments), ("--mem-len", args.mem_len)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+
+
+def _check_data(args, model, run_config, s: dict) -> None:
+    """The model–data contract (data/contract.py) for this model, data folder and split."""
+    from ..data.contract import check_vocab, data_folder, folder_tokenizer, require_split
+
+    m = data_folder(args.data, flag="--data", split_flag="--split")
+    require_split(m, args.split, flag="--split", streams=args.batch_size,
+                  seg_len=s["segment_len"])
+    tok = tokenizer_folder(args.model, run_config)
+    check_vocab(model.config.vocab_size, m, model=f"the model {args.model}",
+                model_tokenizer=folder_tokenizer(tok) if tok else None)
+
+
 def run(args) -> int:
     import torch
 
     from ..checkpoint.safetensors_io import CheckpointError
     from ..convert.convert import record_eval
+    from ..data.contract import data_folder
     from ..data.recall import recall_scorer
     from ..evaluation import memory_passes
 
-    if args.record and not (Path(args.model) / "config.json").is_file():
-        print(f"lamemo eval: --record stores the result in a `lamemo convert` folder; "
-              f"{args.model} is not one (convert it first, or drop --record)", file=sys.stderr)
-        return 2
+    _check_args(args)
+    data_folder(args.data, flag="--data", split_flag="--split")  # before the model is read
     try:
-        model, run_config = load_model(args.model, args.src_format)
+        model, run_config = load_model(args.model, args.src_format, verify=not args.no_verify)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"lamemo eval: {e}", file=sys.stderr)
         return 1
     s = protocol_settings(args, model.config, run_config)
+    _check_data(args, model, run_config, s)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = recall_scorer(args.data, args.split)
     modes = ("carried", "reset") if args.memory == "both" else (args.memory,)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="folder written by `lamemo convert`")
+    from ..checkpoint.safe_load import add_trust_argument
+
+    p.add_argument("--model", required=True, help="folder written by `lamemo convert`, or a "
+                   "DeepSpeed checkpoint (run folder, its checkpoints/ or a step-N/), as eval")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -25,10 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-len", type=int, default=None,
                    help="memory length (default: the model's)")
     p.add_argument("--tokenizer", default=None,
-                   help="folder holding lamemo_tokenizer.json (default: the model folder)")
+                   help="folder holding lamemo_tokenizer.json (default: the model folder, else "
+                   "the data folder the model was trained on)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="use the model even if a file fails its manifest's sha256 check")
+    add_trust_argument(p)
 
 
 def sample(logprobs, *, temperature: float, top_k: int, top_p: float, generator) -> int:
@@ -96,25 +104,59 @@ class _Printer:
         sys.stdout.flush()
 
 
+def check_ranges(args) -> None:
+    """Sampling settings a sampler can use (UserError, exit 2, naming the flag and its range)."""
+    from ..config.errors import UserError
+
+    rules = (("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+             ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1: off)"),
+             ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: off)"),
+             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+             ("--mem-len", args.mem_len, args.mem_len is None or args.mem_len >= 0, ">= 0"))
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {allowed}")
+
+
+def _tokenizer(args, model, run_config):
+    """The tokenizer for the model: --tokenizer, its export folder or its training data; its
+    vocabulary (and id, where the model has its own tokenizer) must be the model's."""
+    from ..config.errors import UserError
+    from ..data.contract import folder_tokenizer
+    from ..data.tokenizer import load_tokenizer
+    from .eval import tokenizer_folder
+
+    own = tokenizer_folder(args.model, run_config)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else own
+    if tok_dir is None or folder_tokenizer(tok_dir) is None:
+        raise UserError(f"no tokenizer in {tok_dir or args.model}: pass --tokenizer DATA_DIR "
+                        "(the data folder the model was trained on)")
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"the model {args.model} has vocab_size {model.config.vocab_size} but "
+                        f"the tokenizer in {tok_dir} has {tokenizer.vocab_size}: pass --tokenizer "
+                        "with the data folder the model was trained on")
+    if own is not None and folder_tokenizer(own) != folder_tokenizer(tok_dir):
+        raise UserError(f"the tokenizer in {tok_dir} is not the model's (the one in {own}): "
+                        "same vocab_size, different ids; drop --tokenizer or pass that folder")
+    return tokenizer
+
+
 def run(args) -> int:
     import torch
 
-    from ..checkpoint.safetensors_io import CheckpointError, load_model_folder
-    from ..data.tokenizer import load_tokenizer
+    from ..checkpoint.safetensors_io import CheckpointError
+    from .eval import load_model
 
+    check_ranges(args)
     try:
-        model, _ = load_model_folder(args.model, dtype=torch.float32)
-    except CheckpointError as e:
+        model, run_config = load_model(args.model, "auto", verify=not args.no_verify)
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"lamemo generate: {e}", file=sys.stderr)
         return 1
+    tokenizer = _tokenizer(args, model, run_config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    tok_dir = args.tokenizer or args.model
-    try:
-        tokenizer = load_tokenizer(tok_dir)
-    except FileNotFoundError as e:
-        print(f"lamemo generate: {e} (pass --tokenizer DATA_DIR)", file=sys.stderr)
-        return 1
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     prompt = prompt or [tokenizer.eos_id]
     sys.stdout.write(args.prompt)

@@ -41,7 +41,12 @@ def run(args) -> int:
     if args.preset:
         cfg: ModelConfig = preset(args.preset)
     else:
-        cfg = load_config(args.config, args.overrides).model
+        from ..data.contract import resolve_data
+
+        run_cfg = load_config(args.config, args.overrides)
+        if run_cfg.model.vocab_size == "auto":  # the number lives in the data's manifest
+            run_cfg = resolve_data(run_cfg)[0]
+        cfg = run_cfg.model
     s = model_summary(cfg)
     if args.json:
         print(json.dumps(s, indent=2))

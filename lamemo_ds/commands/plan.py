@@ -43,6 +43,10 @@ def run(args) -> int:
     from ..parallel.sizing import GPUS, Layout, estimate, search
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size == "auto":  # the number lives in the data's manifest
+        from ..data.contract import resolve_data
+
+        cfg = resolve_data(cfg)[0]
     gpus = args.nodes * args.gpus_per_node
     if gpus < 1:
         raise ConfigError(f"--nodes x --gpus-per-node must be >= 1, got {gpus}")

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("lamemo prepare: give --out DIR (or --verify DIR)", file=sys.stderr)
         return 2
+    _check_ranges(args)
     problem = _check_tokenizer(args)
     if problem:
         print(f"lamemo prepare: error: {problem}", file=sys.stderr)
@@ -101,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         m, wrote = prepare(o, args.out, workers=args.workers, force=args.force,
                            progress=not args.quiet)
-    except (CorpusError, PrepareError, ShardError) as e:
+    except (CorpusError, PrepareError) as e:  # the input or the options: a user error
+        print(f"lamemo prepare: error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:  # an earlier output is damaged
         print(f"lamemo prepare: error: {e}", file=sys.stderr)
         return 1
     _report(m, args.out, wrote)
@@ -129,6 +133,23 @@ def _check_tokenizer(args: argparse.Namespace) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numbers that cannot work (UserError: one line, exit 2), before anything is read."""
+    from ..config.errors import UserError
+
+    rules = (("--valid-frac", args.valid_frac, 0 <= args.valid_frac < 1, "in [0, 1)"),
+             ("--test-frac", args.test_frac, 0 <= args.test_frac < 1, "in [0, 1)"),
+             ("--valid-frac + --test-frac", args.valid_frac + args.test_frac,
+              args.valid_frac + args.test_frac < 1, "below 1 (train keeps the rest)"),
+             ("--workers", args.workers, args.workers >= 1, ">= 1"),
+             ("--max-docs", args.max_docs, args.max_docs is None or args.max_docs >= 1, ">= 1"),
+             ("--min-freq", args.min_freq, args.min_freq >= 1, ">= 1"),
+             ("--bpe-vocab", args.bpe_vocab, args.bpe_vocab >= 2, ">= 2"))
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {allowed}")
 
 
 def _recall_spec(args: argparse.Namespace):
@@ -160,10 +181,11 @@ def _report(m: dict, out: str, wrote: bool) -> None:
 
 
 def _verify(path: str) -> int:
-    from ..data.manifest import load_manifest, verify
+    from ..data.contract import data_folder
+    from ..data.manifest import verify
 
+    m = data_folder(path, flag="--verify", split_flag="the split")  # missing: exit 2
     problems = verify(path)
-    m = load_manifest(path)
     n = sum(len(s["shards"]) for s in m.splits.values())
     for p in problems:
         print(f"FAIL {p}", file=sys.stderr)

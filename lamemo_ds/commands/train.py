@@ -24,34 +24,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_config_arguments(p, required=True)
     p.add_argument("--no-resume", action="store_true",
-                   help="start from scratch even if train.output_dir has checkpoints")
+                   help="start from scratch; refused if train.output_dir holds checkpoints "
+                   "(a requeue would resume those), unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch, moving the old run in train.output_dir "
+                   "(checkpoints, metrics, TensorBoard logs) aside into "
+                   "train.output_dir/superseded-<UTC time>/; deletes nothing")
     add_trust_argument(p)
 
 
 def run(args) -> int:
-    overrides = list(args.overrides) + (["checkpoint.resume=false"] if args.no_resume else [])
-    return train(args.config, overrides)
+    return train(args.config, list(args.overrides), no_resume=args.no_resume,
+                 overwrite=args.overwrite)
 
 
-def train(config: str | None, overrides: list[str], hooks=None) -> int:
+def preflight(cfg, world, *, overwrite: bool = False):
+    """Every check that needs no process group, before anything is written: the model–data
+    contract (`vocab_size: auto` resolved), the data splits, and the run folder (a fresh start
+    over old checkpoints, a resume with another model or schedule). Returns (cfg, plan)."""
+    from ..checkpoint.run_folder import check_resume, refuse_fresh_start
+    from ..config.derive import resolve
+    from ..config.errors import UserError
+    from ..data.contract import check_training_data, resolve_data
+
+    plan = resolve(cfg, world)  # the config's own rules first (they need no data)
+    cfg, manifest = resolve_data(cfg)
+    check_training_data(cfg, plan, manifest)
+    run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir={run_dir} is a file, not a folder")
+    if not cfg.checkpoint.resume and not overwrite:
+        refuse_fresh_start(run_dir)
+    elif cfg.checkpoint.resume:
+        check_resume(cfg, run_dir)
+    return cfg, plan
+
+
+def train(config: str | None, overrides: list[str], hooks=None, *, no_resume: bool = False,
+          overwrite: bool = False) -> int:
     """Load and check the config, start the process group, train; returns the exit code.
 
     `hooks` (train.trainer.Hooks) is the fault-injection point of the tests. The trainer picks
-    its parallel strategy (data or pipeline parallel) from the plan.
+    its parallel strategy (data or pipeline parallel) from the plan. `overwrite` (implies
+    `no_resume`) moves an old run aside; see checkpoint/run_folder.py.
     """
     from ..config.load import load_config
 
-    cfg = load_config(config, overrides)  # unknown keys and bad values fail here, quickly
+    fresh = ["checkpoint.resume=false"] if no_resume or overwrite else []
+    cfg = load_config(config, list(overrides) + fresh)  # unknown keys, bad values fail here
     import torch
 
     from ..config.deepspeed import deepspeed_config
-    from ..config.derive import World, resolve
+    from ..config.derive import World
     from ..parallel import dist
     from ..train.signals import EXIT_CONFIG
 
     denv = dist.discover()
     dist.die_with_launcher(LAUNCHER_PID, denv.launcher)
-    plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
+    cfg, plan = preflight(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()),
+                          overwrite=overwrite)
     deepspeed_config(cfg, plan)  # a bad parallel.deepspeed_config fails here, before any group
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls torch collectives that torch marks deprecated: noise in every log
@@ -64,7 +95,7 @@ def train(config: str | None, overrides: list[str], hooks=None) -> int:
         torch.distributed.destroy_process_group()
         return EXIT_CONFIG
     try:
-        return _train(cfg, plan, denv, comm, device, hooks)
+        return _train(cfg, plan, denv, comm, device, hooks, overwrite=overwrite)
     finally:
         if lock is not None:
             lock.release()
@@ -92,10 +123,11 @@ def _lock_run_folder(comm, run_dir: str, job_id: str | None):
     return lock
 
 
-def _train(cfg, plan, denv, comm, device, hooks) -> int:
+def _train(cfg, plan, denv, comm, device, hooks, *, overwrite: bool) -> int:
     """The run itself, under the run lock."""
     import torch
 
+    from ..checkpoint.run_folder import supersede
     from ..config.load import dump_config
     from ..fileio import require_shared_folder
     from ..parallel import dist
@@ -104,6 +136,10 @@ def _train(cfg, plan, denv, comm, device, hooks) -> int:
 
     if comm.rank == 0:
         out = Path(cfg.train.output_dir)
+        # every rank passed preflight before the group formed: moving the old run is safe now
+        moved = supersede(out) if overwrite else None
+        if moved is not None:
+            print(f"lamemo train: --overwrite: the old run in {out} moved to {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "

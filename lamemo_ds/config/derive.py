@@ -6,7 +6,7 @@ machine, and the trainer fails before any process group starts when the numbers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .schema import ConfigError, RunConfig
 
@@ -73,6 +73,14 @@ def _eval_plan(cfg: RunConfig) -> EvalPlan:
         "xl", e.segment_len or m.segment_len, m.mem_len if e.mem_len is None else e.mem_len,
         m.clamp_len if e.clamp_len is None else e.clamp_len,
         m.same_length if e.same_length is None else e.same_length, e.batch_size)
+
+
+def with_data_vocab(cfg: RunConfig, data_vocab: int) -> RunConfig:
+    """`cfg` with model.vocab_size 'auto' replaced by the data's vocabulary size (the number in
+    the data folder's manifest); a number is kept as it is (the contract check compares it)."""
+    if cfg.model.vocab_size != "auto":
+        return cfg
+    return replace(cfg, model=replace(cfg.model, vocab_size=int(data_vocab))).validate()
 
 
 def resolve(cfg: RunConfig, world: World) -> Plan:

@@ -30,8 +30,11 @@ def _check(ok: bool, path: str, msg: str) -> None:
 class ModelConfig:
     """What users write under `model:`."""
 
-    vocab_size: int = 256
-    """Number of token ids (byte-level corpora: 256 + 1 for the end-of-document id)."""
+    vocab_size: int | Literal["auto"] = 256
+    """Number of token ids (byte-level corpora: 256 + 1 for the end-of-document id). 'auto'
+    takes it from the data folder's manifest.json (`lamemo train` resolves it before anything
+    starts, and stores the number in the run's config.yaml). Training, `lamemo eval` and
+    `lamemo generate` refuse a model whose vocab_size (or tokenizer) differs from the data's."""
     n_layer: int = 12
     """Transformer layers."""
     n_head: int = 8
@@ -82,8 +85,9 @@ class ModelConfig:
     """Std of the normal init of adaptive projections (reference: 0.01)."""
 
     def validate(self, path: str = "model") -> ModelConfig:
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_head", "d_inner",
-                     "segment_len", "div_val"):
+        auto = self.vocab_size == "auto"
+        names = ("n_layer", "n_head", "d_model", "d_head", "d_inner", "segment_len", "div_val")
+        for name in names if auto else ("vocab_size", *names):
             _check(getattr(self, name) >= 1, f"{path}.{name}",
                    f"must be >= 1, got {getattr(self, name)}")
         _check(self.d_model % 2 == 0, f"{path}.d_model",
@@ -97,7 +101,7 @@ class ModelConfig:
                "model.variant=default")
         prev = 0
         for c in self.cutoffs:
-            _check(prev < c < self.vocab_size, f"{path}.cutoffs",
+            _check(prev < c and (auto or c < self.vocab_size), f"{path}.cutoffs",
                    f"must be strictly increasing and below vocab_size={self.vocab_size}, "
                    f"got {list(self.cutoffs)}")
             prev = c
@@ -187,6 +191,10 @@ class TrainConfig:
     """Segments per stream in periodic evaluation (0: the whole split)."""
     output_dir: str = "runs/default"
     """Run folder: checkpoints/, tensorboard/, config.yaml."""
+    allow_schedule_change: bool = False
+    """Resume a run whose train.max_steps or optim schedule (lr, warmup_steps, schedule, min_lr)
+    differs from its checkpoint's config.yaml. Off: such a resume is refused before start-up,
+    naming what would change."""
 
     def validate(self, path: str = "train") -> TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval",

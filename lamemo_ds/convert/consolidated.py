@@ -13,11 +13,11 @@ from ..checkpoint.safetensors_io import CheckpointError
 from .loaded import Loaded, read_extras
 
 
-def read_folder(path: Path) -> Loaded:
-    """A consolidated or Hugging Face export folder."""
+def read_folder(path: Path, *, verify: bool = True) -> Loaded:
+    """A consolidated or Hugging Face export folder (its manifest checked unless not verify)."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder (expected a `lamemo convert` output)")
-    model, _ = sio.load_model_folder(path)
+    model, _ = sio.load_model_folder(path, verify=verify)
     run_cfg, toks, evals = read_extras(path)
     return Loaded(model=model, source=str(path), run_config=run_cfg, tokenizer_files=toks,
                   eval_results=evals)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import safetensors_io as sio
+from ..checkpoint.manager import MANIFEST, update_manifest, write_manifest
 from ..checkpoint.safetensors_io import CheckpointError
 from ..config.load import dump_config, to_dict
 from ..config.schema import ModelConfig, RunConfig
@@ -40,13 +41,17 @@ def _say(msg: str, quiet: bool) -> None:
 
 # ---- reading ---------------------------------------------------------------------------------
 def read_source(kind: str, path: str | Path, *, model_config: ModelConfig | None = None,
-                run_config: RunConfig | None = None, quiet: bool = False) -> Loaded:
-    """Read a model of format `kind` from `path` (see the module docstring)."""
+                run_config: RunConfig | None = None, quiet: bool = False,
+                verify: bool = True) -> Loaded:
+    """Read a model of format `kind` from `path` (see the module docstring); `verify` checks
+    every file against the source's sha256 manifest first (a training checkpoint's, an
+    export's)."""
     fmt = get_format(kind, write=False)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"input {path} does not exist")
-    loaded = fmt.reader(path, model_config=model_config, run_config=run_config, quiet=quiet)
+    loaded = fmt.reader(path, model_config=model_config, run_config=run_config, quiet=quiet,
+                        verify=verify)
     if run_config is not None and loaded.run_config is None:
         loaded.run_config = run_config
     n = loaded.model.num_parameters()
@@ -120,6 +125,9 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
                            quiet=quiet, options=deepspeed_options)
         if fmt.card:
             files += _write_extras(loaded, tmp, fmt=kind, dtype=dtype)
+        if fmt.card:  # written last: size and sha256 of every file of the export
+            write_manifest(tmp, None)
+            files.append(MANIFEST)
         sizes = {f: (tmp / f).stat().st_size for f in files if (tmp / f).is_file()}
     for f in files:
         size = sio.human_bytes(sizes[f]) if f in sizes else ""
@@ -148,3 +156,5 @@ def record_eval(folder: Path, model: torch.nn.Module, result: dict) -> None:
         tmp = folder / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, folder / name)
+    if (folder / MANIFEST).is_file():
+        update_manifest(folder, [EVAL_NAME, "README.md"])

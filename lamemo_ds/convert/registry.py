@@ -1,6 +1,6 @@
 """The formats `lamemo convert` and tools/ know, each with its reader and writer.
 
-    reader(path, *, model_config, run_config, quiet) -> Loaded
+    reader(path, *, model_config, run_config, quiet, verify) -> Loaded
     writer(loaded, tmp, *, dtype, max_shard_bytes, final, quiet, options) -> files written
 
 A writer fills the temp folder `tmp` that becomes the output folder `final` once it returned
@@ -28,19 +28,19 @@ class Format:
 
 
 # -- readers ---------------------------------------------------------------------------------
-def _read_deepspeed(path: Path, *, model_config, run_config, quiet) -> Loaded:
+def _read_deepspeed(path: Path, *, model_config, run_config, quiet, verify=True) -> Loaded:
     from .deepspeed import read_deepspeed
 
-    return read_deepspeed(path, run_config=run_config, quiet=quiet)
+    return read_deepspeed(path, run_config=run_config, quiet=quiet, check_manifest=verify)
 
 
-def _read_folder(path: Path, *, model_config, run_config, quiet) -> Loaded:
+def _read_folder(path: Path, *, model_config, run_config, quiet, verify=True) -> Loaded:
     from .consolidated import read_folder
 
-    return read_folder(path)
+    return read_folder(path, verify=verify)
 
 
-def _read_reference(path: Path, *, model_config, run_config, quiet) -> Loaded:
+def _read_reference(path: Path, *, model_config, run_config, quiet, verify=True) -> Loaded:
     from .reference import read_reference
 
     return read_reference(path, model_config)

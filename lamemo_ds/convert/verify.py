@@ -7,8 +7,11 @@
   layout, every layer file of the layer map), one training-state file per rank holding plain
   data only (checkpoint/safe_load.py: a file that would run code stops `verify`), the training
   config, and the merged weights against the config's shapes, all finite;
-- a consolidated / hf folder: config.json, the weights (every shard of the index) against the
-  config's shapes, all finite, and for hf the generated code compiles;
+- a run folder: also that its newest checkpoint is the newest complete one (a corrupt newer
+  step fails, naming the complete one a resume would use);
+- a consolidated / hf folder: its manifest (every file's size and sha256), config.json, the
+  weights (every shard of the index) against the config's shapes, all finite, and for hf the
+  generated code compiles;
 - a reference folder: reference.pt against our config.json.
 
 `lamemo verify` and tools/verify_checkpoint.py print the checks and exit 1 if one failed.
@@ -24,7 +27,7 @@ import torch
 
 from ..checkpoint import deepspeed_io as dsio
 from ..checkpoint import safetensors_io as sio
-from ..checkpoint.manager import DS_TAG, is_step_folder, locate, verify
+from ..checkpoint.manager import DS_TAG, MANIFEST, is_step_folder, locate, verify
 from ..checkpoint.safe_load import check_files
 from ..config.schema import ConfigError
 
@@ -94,6 +97,13 @@ def _verify_folder(path: Path) -> list[Check]:
     from .reference import REFERENCE_NAME, read_reference
 
     checks: list[Check] = []
+    if (path / MANIFEST).is_file():
+        reason = verify(path)
+        checks.append(Check("manifest", reason is None,
+                            reason or "every file matches its size and sha256"))
+    else:
+        checks.append(Check("manifest", True, "none (written by hand or by an older lamemo): "
+                            "sizes and checksums not checked"))
     cfg = _attempt(checks, "config.json", lambda: sio.read_model_config(path)[0])
     if cfg is None:
         return checks
@@ -102,7 +112,8 @@ def _verify_folder(path: Path) -> list[Check]:
         loaded = _attempt(checks, "weights", lambda: read_reference(path, cfg))
         model = None if loaded is None else loaded.model
     else:
-        model = _attempt(checks, "weights", lambda: sio.load_model_folder(path)[0])
+        model = _attempt(checks, "weights",
+                         lambda: sio.load_model_folder(path, verify=False)[0])
     if model is None:
         return checks
     checks.append(Check("weights", True, f"{model.num_parameters():,} parameters, shapes as "
@@ -127,7 +138,18 @@ def verify_path(path: str | Path, log=lambda msg: None) -> list[Check]:
     if path.is_dir() and (path / sio.CONFIG_NAME).is_file() and not is_step_folder(path):
         return _verify_folder(path)
     checks: list[Check] = []
-    step = _attempt(checks, "located", lambda: locate(path, log))
+    skipped: list[str] = []
+
+    def note(msg: str) -> None:
+        skipped.append(msg)
+        log(msg)
+
+    step = _attempt(checks, "located", lambda: locate(path, note))
     if step is None:
         return checks
-    return _verify_step(step, located=step != path)
+    checks = _verify_step(step, located=step != path)
+    if skipped:  # a newer checkpoint failed verification: the run is damaged
+        checks.insert(1, Check("newest", False, f"{len(skipped)} newer checkpoint(s) corrupt "
+                               f"or incomplete ({'; '.join(skipped)}); the newest complete one, "
+                               f"which a resume would use, is {step.name}"))
+    return checks

@@ -246,14 +246,17 @@ def jsonl_corpus(path: Path, *, text_field: str, valid_frac: float, test_frac: f
     if not path.exists():
         raise CorpusError(f"{path}: file not found")
 
+    splits = list(files) if files else list(SPLITS)
+
     def docs(split: str) -> Iterator[Document]:
         src = files.get(split, path)
-        for i, text in enumerate(_jsonl_texts(src, text_field, stats)):
+        # one hash-split file is read once per split: its repairs count on the first pass only
+        counted = stats if files or split == splits[0] else CleanStats()
+        for i, text in enumerate(_jsonl_texts(src, text_field, counted)):
             name = f"{src.name}:{i}"
             if files or hash_split(name, valid_frac=valid_frac, test_frac=test_frac) == split:
                 yield Document(name, iter([text]))
 
-    splits = list(files) if files else list(SPLITS)
     return Corpus("jsonl", {s: (lambda s=s: docs(s)) for s in splits})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +137,10 @@ def open_tokens(data_dir: str | Path, split: str, *, verify_sha: bool = True) ->
             check_file(flat, **want, data_dir=d, what="token file")
         elif not flat.is_file() or flat.stat().st_size != want["size"]:
             raise ShardError(f"token file {flat} missing or wrong size")
-    except ShardError:
+    except ShardError as e:
         _rebuild_flat(d, m, split, flat)
         check_file(flat, **want, data_dir=d, what="rebuilt token file")
+        print(f"data: rebuilt {flat} from the {split} shards ({e})", file=sys.stderr, flush=True)
     if info["flat"]["tokens"] == 0:
         return np.zeros(0, dtype=m.dtype)
     return np.memmap(flat, dtype=m.dtype, mode="r")

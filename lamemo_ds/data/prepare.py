@@ -323,6 +323,18 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
                                f"(differ: {diff}); pass --force to overwrite it")
     if force:
         _clear(out)
+    created = not out.exists()
+    try:
+        return _write_all(o, out, opts, workers=workers, progress=progress), True
+    except BaseException:  # a failed prepare leaves no folder it made (a bad input, Ctrl-C)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_all(o: PrepareOptions, out: Path, opts: dict, *, workers: int,
+               progress: bool) -> dict:
+    """Tokenizer, every split and the manifest (written last) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     stats = C.CleanStats()
     corpus = open_corpus(o, stats)
@@ -354,4 +366,4 @@ def prepare(o: PrepareOptions, out: str | Path, *, workers: int = 2, force: bool
                   "mb_per_s": round(text_bytes / max(seconds, 1e-9) / 1e6, 2)},
     }
     write_manifest(out, manifest)
-    return load_manifest(out), True
+    return load_manifest(out)

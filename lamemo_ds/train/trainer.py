@@ -298,23 +298,23 @@ class Trainer:
         if self.rank == 0:  # the run lock is held: no other writer is filling them
             for p in self.ckpt.remove_stale_temps():
                 self.log(f"removed {p}: a checkpoint save that never finished")
-        if cfg.checkpoint.resume:
-            self.resume()
+        resumed = cfg.checkpoint.resume and self.resume()
         self.metrics.open(self.step)  # one history: steps after the checkpoint are re-run
         self.metrics.text("config", dump_config(cfg))
         self.metrics.text("plan", self.plan.describe())
         self.log(f"plan: {self.plan.describe()}")
         flag = StopFlag().install()
         try:
-            return self._loop(flag)
+            return self._loop(flag, saved_step=self.step if resumed else -1)
         finally:
             flag.restore()
             self.loader.close()
             self.metrics.close()
 
-    def _loop(self, flag: StopFlag) -> int:
+    def _loop(self, flag: StopFlag, *, saved_step: int = -1) -> int:
+        """Steps to max_steps; `saved_step`: the step whose checkpoint exists (resumed from)."""
         cfg, t = self.cfg, self.cfg.train
-        meter, alpha_acc, last_saved = Throughput(), [], -1
+        meter, alpha_acc, last_saved = Throughput(), [], saved_step
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             r = self.train_step(flag.is_set)
@@ -339,10 +339,10 @@ class Trainer:
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
                 last_saved = self.step
-        if self._eval(cfg.data.valid_split, t.eval_max_segments, flag):
-            return self._preempted()
-        if last_saved != self.step:
+        if last_saved != self.step:  # before the final eval: a failing one never loses it
             self.save()
+        if self._eval(cfg.data.valid_split, t.eval_max_segments, flag):
+            return self._preempted(saved=True)  # this step is saved already: not twice
         return EXIT_OK
 
     def _count_skip(self, r: StepResult) -> None:
@@ -388,9 +388,13 @@ class Trainer:
                           train_seconds=self.train_seconds)
         return False
 
-    def _preempted(self) -> int:
-        self.log(f"stop signal received: saving step {self.step} and exiting")
-        self.save()
+    def _preempted(self, *, saved: bool = False) -> int:
+        """Save (unless this step's checkpoint exists already), requeue under Slurm, exit."""
+        if saved:
+            self.log(f"stop signal received: step {self.step} is saved; exiting")
+        else:
+            self.log(f"stop signal received: saving step {self.step} and exiting")
+            self.save()
         requeued = False
         if self.rank == 0:
             requeued = requeue_slurm(self.slurm_job_id, self.log)
