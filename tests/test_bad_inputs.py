@@ -27,6 +27,7 @@ from lamemo_ds.config.derive import World
 from lamemo_ds.config.load import load_config
 from lamemo_ds.convert.convert import write_target
 from lamemo_ds.convert.loaded import Loaded
+from lamemo_ds.data.tokenizer import tokenizer_files
 from lamemo_ds.model import LaMemoLM
 
 pytestmark = pytest.mark.integration
@@ -87,8 +88,8 @@ def w(tmp_path_factory, corpus) -> World_:
                                                            "tokenizer.json")) if p.is_file())
     desc.write_text(json.dumps(dict(json.loads(desc.read_text()), note="another")))
     bpe_cfg = load_config(cfg, ["model.vocab_size=300"]).model
-    write_target("consolidated", Loaded(model=LaMemoLM(bpe_cfg), source="t", tokenizer_files=
-                                        sorted((root / "bpe").glob("*tokenizer*.json"))),
+    write_target("consolidated", Loaded(model=LaMemoLM(bpe_cfg), source="t",
+                                        tokenizer_files=tokenizer_files(root / "bpe")),
                  root / "bpe_exp", quiet=True)
     return World_(data=corpus, bpe=root / "bpe", empty_valid=root / "ev", run=run,
                   exp=root / "exp", hf=root / "hf", bad_exp=root / "bad_exp",
@@ -275,8 +276,8 @@ CASES = {
                                            "step-00000002"]),
     "verify: missing path": (lambda w, t: ["verify", t / "nope"], 1, ["does not exist"]),
     "verify: export missing a file": (lambda w, t: shutil.copytree(w.exp, t / "x") and (
-        t / "x" / "tokenizer.json").unlink() or ["verify", t / "x"], 1,
-        ["missing file tokenizer.json"]),
+        t / "x" / "lamemo_tokenizer.json").unlink() or ["verify", t / "x"], 1,
+        ["missing file lamemo_tokenizer.json"]),
     "verify: edited hf code": (lambda w, t: shutil.copytree(w.hf, t / "h") and (
         t / "h" / "modeling_lamemo.py").write_text("# edited\n") and ["verify", t / "h"], 1,
         ["modeling_lamemo.py"]),

@@ -92,7 +92,7 @@ def test_prepare_with_a_saved_tokenizer_json(tmp_path, lamemo, make, eos):
     r = lamemo("prepare", "--corpus", "files", "--input", str(tmp_path / "src"),
                "--valid-frac", "0", "--test-frac", "0", "--tokenizer-file", str(tok_file),
                "--out", str(out), "--quiet")
-    assert r.returncode == 1 and "tokenizer_file_sha256" in r.stderr
+    assert r.returncode == 2 and "tokenizer_file_sha256" in r.stderr
 
 
 @pytest.mark.unit
