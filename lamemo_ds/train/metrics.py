@@ -146,10 +146,11 @@ class Metrics:
               f"{clock(s['progress/elapsed_s'])} | ETA {clock(s['progress/eta_s'])}", flush=True)
 
     def eval(self, step: int, split: str, result, reset=None,
-             train_seconds: float | None = None) -> None:
+             train_seconds: float | None = None, settings: dict | None = None) -> None:
         """Log an evaluation; `reset` (the same split with memory reset before every segment)
         adds the memory gain (eval/<split>_memory_gain_bits_per_token) and, on a recall corpus,
-        the bits per key symbol of both passes. The loss by segment index goes to TensorBoard
+        the bits per key symbol of both passes; `settings` (protocol and lengths) go into the
+        JSON record. The loss by segment index goes to TensorBoard
         as one curve per segment bucket (eval_by_segment/<split>_segLO-HI) over training
         steps."""
         if not self.enabled:
@@ -157,7 +158,7 @@ class Metrics:
         from ..evaluation import describe, memory_gain
 
         units = self.units(split)
-        record = dict(result.as_dict(units), split=split)
+        record = dict(result.as_dict(units), split=split, **(settings or {}))
         if units.bytes_note:
             record["bits_per_byte_note"] = units.bytes_note
         if train_seconds is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -403,7 +404,7 @@ class Trainer:
             return True
         carried = results["carried"]
         self.metrics.eval(self.step, split, carried, reset=results.get("reset"),
-                          train_seconds=self.train_seconds)
+                          train_seconds=self.train_seconds, settings=asdict(self.plan.eval))
         self.evals.append({"step": self.step, "split": split, "loss": carried.loss,
                            "scores": self.metrics.units(split).scores(carried.loss)})
         return False
