@@ -32,10 +32,11 @@ def table_text(out: dict) -> str:
     lines = [f"{out['model']} on {out['data']} ({out['split']}, N={out['segment_len']}, "
              f"clamp_len={out['clamp_len']}, {rows[0]['memory']} memory, "
              f"{rows[0]['tokens']:,} tokens per length)",
-             "  ".join(f"{k:>{len(k)}}" for k in keys)]
+             "  ".join(f"{k:>{max(len(k), 8)}}" for k in keys)]
     for row in rows:
-        lines.append("  ".join(f"{row[k]!s:>{len(k)}}" if isinstance(row[k], int) or
-                               row[k] is None else f"{row[k]:>{len(k)}.4f}" for k in keys))
+        lines.append("  ".join(
+            f"{row[k]!s:>{max(len(k), 8)}}" if isinstance(row[k], int) or row[k] is None
+            else f"{row[k]:>{max(len(k), 8)}.4f}" for k in keys))
     return "\n".join(lines)
 
 

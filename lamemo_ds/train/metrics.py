@@ -87,6 +87,7 @@ class Metrics:
     def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool,
                  units: dict[str, Units] | None = None):
         self.enabled, self.units_of = enabled, dict(units or {})
+        self.evals: list[dict] = []  # this session's evaluations, for the summary
         self.out_dir = Path(out_dir)
         self.tb = None
         self.jsonl = None
@@ -153,11 +154,13 @@ class Metrics:
         JSON record. The loss by segment index goes to TensorBoard
         as one curve per segment bucket (eval_by_segment/<split>_segLO-HI) over training
         steps."""
+        units = self.units(split)
+        self.evals.append({"step": step, "split": split, "loss": result.loss,
+                           "scores": units.scores(result.loss)})
         if not self.enabled:
             return
         from ..evaluation import describe, memory_gain
 
-        units = self.units(split)
         record = dict(result.as_dict(units), split=split, **(settings or {}))
         if units.bytes_note:
             record["bits_per_byte_note"] = units.bytes_note
@@ -205,10 +208,14 @@ class Metrics:
                          f"{now - t0:.1f}s, ETA {clock((now - t0) * (total - done) / done)}")
         return tick
 
-    def summary(self, record: dict) -> None:
-        """The one-line summary at the end of a run (and a {"summary": ...} line)."""
+    def summary(self, *, step: int, tokens: int, train_seconds: float) -> None:
+        """The one-line summary at the end of a run: the best and last evaluation of this
+        session, tokens and training time (and a {"summary": ...} line in metrics.jsonl)."""
         if not self.enabled:
             return
+        best = min(self.evals, key=lambda e: e["loss"]) if self.evals else None
+        record = {"step": step, "tokens": tokens, "train_seconds": train_seconds,
+                  "best_eval": best, "last_eval": self.evals[-1] if self.evals else None}
         self.jsonl.write(json.dumps({"summary": record}) + "\n")
         parts = [f"done: step {record['step']}", f"{_count(record['tokens'])} tokens",
                  f"{clock(record['train_seconds'])} training"]

@@ -234,7 +234,6 @@ class Trainer:
         units = {split: Units.from_manifest(manifest, split) for split in manifest.splits}
         self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
                                tensorboard=cfg.logging.tensorboard, units=units)
-        self.evals: list[dict] = []  # this session's evaluations, for the summary
         self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, comm=self.comm,
                                       log=self.log, on_phase=self.hooks.save_phase)
@@ -353,7 +352,8 @@ class Trainer:
             return self._preempted()
         if last_saved != self.step:
             self.save()
-        self._summary()
+        self.metrics.summary(step=self.step, tokens=self.step * self.plan.tokens_per_step,
+                             train_seconds=self.train_seconds)
         return EXIT_OK
 
     def _count_skip(self, r: StepResult) -> None:
@@ -402,19 +402,9 @@ class Trainer:
         if any(r.interrupted for r in results.values()):
             self.log(f"evaluation of {split} interrupted by a stop signal")
             return True
-        carried = results["carried"]
-        self.metrics.eval(self.step, split, carried, reset=results.get("reset"),
+        self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"),
                           train_seconds=self.train_seconds, settings=asdict(self.plan.eval))
-        self.evals.append({"step": self.step, "split": split, "loss": carried.loss,
-                           "scores": self.metrics.units(split).scores(carried.loss)})
         return False
-
-    def _summary(self) -> None:
-        """One line at the end: best and last evaluation of this session, tokens, time."""
-        best = min(self.evals, key=lambda e: e["loss"]) if self.evals else None
-        self.metrics.summary({"step": self.step, "tokens": self.step * self.plan.tokens_per_step,
-                              "train_seconds": self.train_seconds, "best_eval": best,
-                              "last_eval": self.evals[-1] if self.evals else None})
 
     def _preempted(self) -> int:
         self.log(f"stop signal received: saving step {self.step} and exiting")
