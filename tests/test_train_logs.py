@@ -65,3 +65,23 @@ def test_interval_means_progress_summary_and_pipeline_grad_norm(corpus, tmp_path
         assert piped[end]["train/loss"] == pytest.approx(iv["train/loss"], rel=1e-5)
         assert piped[end]["train/grad_norm"] == pytest.approx(iv["train/grad_norm"], rel=1e-4)
     assert "gnorm nan" not in results[0].stdout
+
+
+@pytest.mark.unit
+def test_segment_buckets_and_eval_progress(tmp_path, capsys):
+    from lamemo_ds.evaluation import EvalResult
+    from lamemo_ds.train.metrics import Metrics, bucket_losses, segment_buckets
+
+    assert segment_buckets(10) == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 9)]
+    r = EvalResult(loss=0.0, tokens=6, by_segment=[1.0, 2.0, 3.0, 6.0],
+                   tokens_by_segment=[1, 1, 2, 1])
+    assert bucket_losses(r) == {"seg0000-0000": 1.0, "seg0001-0001": 2.0,
+                                "seg0002-0003": pytest.approx(4.0)}  # token-weighted
+    m = Metrics(tmp_path, enabled=True, tensorboard=False)
+    tick = m.eval_progress(7, "valid", "reset", every_s=0.0)
+    tick(1, 4)
+    tick(4, 4)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("eval        7 | valid (reset memory) segment 1/4 |")
+    assert "segment 4/4" in out[1] and "ETA 0:00:00" in out[1]
+    m.close()
