@@ -124,7 +124,7 @@ def train_one(memory: str, seed: int, a) -> dict:
 
 def _eval_row(e: dict) -> dict:
     row = {"step": e["step"], "train_seconds": e["train_seconds"], "bpc": e["loss"] / LN2,
-           "bpc_reset": e["reset"]["loss"] / LN2, "gain_bpc": e["memory_gain_bpc"],
+           "bpc_reset": e["reset"]["loss"] / LN2, "gain_bpc": e["memory_gain_bits_per_token"],
            "by_segment": [x / LN2 for x in e["loss_by_segment"]],
            "by_segment_reset": [x / LN2 for x in e["reset"]["loss_by_segment"]]}
     if e.get("subset_bits") is not None:

@@ -58,8 +58,8 @@ def run_one(memory: str, seed: int, a) -> dict:
     return {"memory": memory, "seed": seed, "train_minutes": round(minutes, 2),
             "recall_bits_carried": bits["carried"], "recall_bits_reset": bits["reset"],
             "chance_bits": ev["recall"]["chance_bits"], "key_symbols": ev["recall"]["key_symbols"],
-            "test_bpc_carried": ev["bpc"], "test_bpc_reset": ev["reset"]["bpc"],
-            "memory_gain_bpc": ev["memory_gain_bpc"]}
+            "test_bpc_carried": ev["bits_per_byte"], "test_bpc_reset": ev["reset"]["bits_per_byte"],
+            "memory_gain_bits_per_token": ev["memory_gain_bits_per_token"]}
 
 
 def verdict(r: dict) -> str:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     for r in runs:
         print(f"{r['memory']:8} {r['seed']:>5} {r['recall_bits_carried']:16.3f} "
               f"{r['recall_bits_reset']:7.3f} {r['chance_bits']:7.3f} "
-              f"{r['memory_gain_bpc']:+9.4f} {r['train_minutes']:10.1f}  {verdict(r)}")
+              f"{r['memory_gain_bits_per_token']:+9.4f} {r['train_minutes']:10.1f}  {verdict(r)}")
     print("target: xl/lamemo <= 0.5 bit per key symbol with memory carried and >= 90% of "
           "chance with memory reset; none >= 90% of chance")
     if a.json:

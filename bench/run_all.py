@@ -36,6 +36,8 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
                        "none over seeds, equal steps and equal time, memory gain"),
     "bad_inputs": ("bad_inputs.py", [], "bad inputs: exit code, one-line error, nothing left "
                    "behind (tests/test_bad_inputs.py)"),
+    "mem_sweep": ("mem_sweep.py", [], "stdlib: xl and lamemo evaluated with memory lengths "
+                  "16-256 (trained with 64)"),
 }
 
 
@@ -84,7 +86,7 @@ def run_one(name: str, tiny: bool, out_dir: Path, timeout: int) -> dict:
     if not path.is_file():
         return {"name": name, "what": what, "status": "missing", "error": f"{script} not found"}
     out = out_dir / f"{name}.json"
-    if script == "quality.py":
+    if script in ("quality.py", "mem_sweep.py"):
         extra = [*extra, "--plots", str(out_dir)]
     cmd = [sys.executable, str(path), *extra, "--json", str(out)] + (["--tiny"] if tiny else [])
     t0 = time.time()

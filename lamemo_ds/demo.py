@@ -131,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== lamemo demo done ===")
     print(f"train loss   : {s['first_loss']:.3f} -> {s['last_loss']:.3f} (nats/byte)")
     if ev:
-        print(f"valid        : {ev['bpc']:.3f} bpc over {ev['tokens']:,} bytes")
-    print(f"test (export): {test['bpc']:.3f} bpc over {test['tokens']:,} bytes; memory gain "
-          f"{test['memory_gain_bpc']:+.3f} bpc (memory reset before every segment: "
-          f"{test['reset']['bpc']:.3f})")
+        print(f"valid        : {ev['bits_per_byte']:.3f} bits per byte over {ev['tokens']:,} "
+              "bytes")
+    print(f"test (export): {test['bits_per_byte']:.3f} bits per byte over {test['tokens']:,} "
+          f"bytes; memory gain {test['memory_gain_bits_per_token']:+.3f} bits per byte (memory "
+          f"reset before every segment: {test['reset']['bits_per_byte']:.3f})")
     print(f"sample       : {exported['sample']!r}")
     print(f"checkpoint   : {run / 'checkpoints' / latest}")
     print(f"HF export    : {exported['hf']} (transformers.AutoModelForCausalLM.from_pretrained("

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.integration
 def test_run_all_tiny_writes_results_and_markdown(tmp_path):
-    names = "model_step,loader,train,pipeline,recall,quality,quality_recall"
+    names = "model_step,loader,train,pipeline,recall,quality,quality_recall,mem_sweep"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny",
                           "--only", names, "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=900, cwd=REPO)
@@ -38,6 +38,11 @@ def test_run_all_tiny_writes_results_and_markdown(tmp_path):
             assert (tmp_path / png).is_file()
     assert "recall_bits@steps" in by["quality_recall"]["result"]["summary"]["models"]["xl"]
     assert {r["memory"] for r in by["recall"]["result"]["runs"]} == {"xl", "lamemo", "none"}
+    sweep = by["mem_sweep"]["result"]["results"]
+    assert set(sweep) == {"xl", "lamemo"}
+    assert [r["mem_len"] for r in sweep["xl"]["rows"]] == [8, 16, 32]
+    assert all(r["bits_per_byte"] > 0 for r in sweep["lamemo"]["rows"])
+    assert (tmp_path / "mem_sweep.png").is_file()
     md = (tmp_path / "RESULTS.md").read_text()
     assert "model_step" in md and doc["commit"] in md and "memory gain" in md
     assert str(REPO) not in md and str(tmp_path) not in md  # portable: no machine paths

@@ -101,3 +101,22 @@ def test_merge_does_not_modify_inputs():
     a, b = {"x": {"y": 1}}, {"x": {"z": 2}}
     assert merge(a, b) == {"x": {"y": 1, "z": 2}}
     assert a == {"x": {"y": 1}} and b == {"x": {"z": 2}}
+
+
+def test_one_eval_protocol_derivation_for_training_and_lamemo_eval():
+    from lamemo_ds.config.derive import eval_plan
+
+    xl = cfg("eval.protocol=xl", "eval.mem_len=48", "eval.segment_len=8", "eval.batch_size=3")
+    m = xl.model
+    assert resolve(xl, World()).eval == eval_plan(m, xl.eval)  # training uses the same rule
+    run = eval_plan(m, xl.eval)  # no flags: the run's own settings
+    assert (run.protocol, run.segment_len, run.mem_len, run.same_length, run.batch_size) == \
+        ("xl", 8, 48, m.same_length, 3)
+    paper = eval_plan(m, xl.eval, protocol="paper")
+    assert (paper.protocol, paper.segment_len, paper.mem_len) == ("paper", 16, 16)
+    # lengths without a protocol: xl with those lengths, the rest from the run's eval section
+    longer = eval_plan(m, cfg().eval, mem_len=64)
+    assert (longer.protocol, longer.segment_len, longer.mem_len) == ("xl", 16, 64)
+    assert eval_plan(m, None, protocol="xl").mem_len == m.mem_len  # xl alone works
+    none = cfg("model.memory=none").model
+    assert eval_plan(none, None, mem_len=64).mem_len == 0  # no memory whatever it says

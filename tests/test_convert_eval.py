@@ -33,7 +33,8 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
                     max_segments=3)
     assert res["protocol"] == "paper" and res["mem_len"] == 8 and res["segment_len"] == 8
     assert res["loss"] == pytest.approx(want.loss, rel=1e-9)
-    assert res["bpc"] == pytest.approx(want.bpc, rel=1e-9) and res["tokens"] == 3 * 2 * 8
+    assert res["bits_per_byte"] == pytest.approx(want.bits_per_token, rel=1e-9)
+    assert res["tokens"] == 3 * 2 * 8
     assert len(res["loss_by_segment"]) == 3
     # --record stores a score of the whole split only (a partial one is refused)
     r = lamemo(*base, "--record")
@@ -47,12 +48,19 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(r.stdout)
     assert "valid/paper" in json.loads((tmp_path / "m" / "eval.json").read_text())
-    assert f"{rec['bpc']}" in (tmp_path / "m" / "README.md").read_text()
+    assert f"{rec['bits_per_byte']}" in (tmp_path / "m" / "README.md").read_text()
 
-    r = lamemo(*base, "--protocol", "xl", "--mem-len", "24", "--seg-len", "4")
+    # lengths work without naming a protocol (they make it xl); same_length is the model's
+    r = lamemo(*base, "--mem-len", "24", "--seg-len", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     xl = json.loads(r.stdout)
     assert (xl["protocol"], xl["mem_len"], xl["segment_len"], xl["same_length"]) == \
-        ("xl", 24, 4, True)
+        ("xl", 24, 4, cfg.same_length)
+    assert "mem_len=24" in r.stderr
+    # --protocol xl alone: the model's lengths (no eval section stored with this export)
     r = lamemo(*base, "--protocol", "xl")
-    assert r.returncode != 0 and "--mem-len" in r.stderr
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (json.loads(r.stdout)["mem_len"], json.loads(r.stdout)["loss"]) == (8, res["loss"])
+    r = lamemo(*base, "--mem-len", "8,x")
+    assert r.returncode == 2 and "'x' is not a whole number" in r.stderr
+    assert "Traceback" not in r.stderr

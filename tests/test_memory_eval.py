@@ -53,7 +53,8 @@ def test_reset_is_every_segment_from_an_empty_memory(corpus, memory):
     else:
         assert abs(reset.loss - carried.loss) > 1e-4  # memory changes the later segments
     gain = memory_gain(carried, reset)
-    assert gain["memory_gain_bpc"] == pytest.approx((reset.loss - carried.loss) / math.log(2))
+    assert gain["memory_gain_bits_per_token"] == pytest.approx(
+        (reset.loss - carried.loss) / math.log(2))
     assert gain["memory_ppl_ratio"] == pytest.approx(reset.ppl / carried.ppl)
 
 
@@ -92,7 +93,7 @@ def test_eval_cli_reports_both_passes_and_the_gain(corpus, tmp_path, lamemo, mem
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
     assert both["memory"] == "carried" and both["reset"]["memory"] == "reset"
-    assert both["memory_gain_bpc"] == pytest.approx(
+    assert both["memory_gain_bits_per_token"] == pytest.approx(
         (both["reset"]["loss"] - both["loss"]) / math.log(2), rel=1e-9)
     assert "memory gain:" in r.stderr and "(reset memory)" in r.stderr
     r = lamemo("eval", "--model", str(tmp_path / "hf"), "--memory", "reset", *base)
@@ -101,10 +102,11 @@ def test_eval_cli_reports_both_passes_and_the_gain(corpus, tmp_path, lamemo, mem
     assert reset["memory"] == "reset" and "reset" not in reset
     assert reset["loss"] == pytest.approx(both["reset"]["loss"], rel=1e-9)
     if memory == "none":
-        assert both["memory_gain_bpc"] == 0.0 and "same model" in both["memory_gain_note"]
+        assert both["memory_gain_bits_per_token"] == 0.0
+        assert "same model" in both["memory_gain_note"]
         assert both["mem_len"] == 0
     else:
-        assert both["memory_gain_bpc"] != 0.0 and "memory_gain_note" not in both
+        assert both["memory_gain_bits_per_token"] != 0.0 and "memory_gain_note" not in both
     small = tmp_path / "small"  # --record scores a whole split: a small one
     assert lamemo("prepare", "--corpus", "recall", "--out", str(small), "--quiet",
                   "--split-sizes", "4000,1000,1000", "--recall-gap", "12").returncode == 0

@@ -84,7 +84,8 @@ def recall_bits(lamemo, model, data, *flags: str) -> dict:
                "--batch-size", "8", "--no-progress", *flags)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
-    return out["recall"]["bits_per_key_symbol"] | {"gain_bpc": out.get("memory_gain_bpc")}
+    gain = out.get("memory_gain_bits_per_token")
+    return out["recall"]["bits_per_key_symbol"] | {"gain_bpc": gain}
 
 
 @pytest.mark.parametrize("memory, layout", [
@@ -101,7 +102,7 @@ def test_training_carries_memory_so_keys_are_recalled(trained, recall_data, lame
     assert bits["gain_bpc"] > 0.1, bits
     evals = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text()
              .splitlines() if '"eval"' in line]
-    assert evals[-1]["memory_gain_bpc"] > 0.1 and evals[-1]["reset"]["memory"] == "reset"
+    assert evals[-1]["memory_gain_bits_per_token"] > 0.1 and evals[-1]["reset"]["memory"] == "reset"
     if layout != "pp2":  # the pipeline's last stage reports a mean loss per micro-batch only
         # (a short valid pass: the keys of each stream's first segments have no memory yet)
         assert evals[-1]["subset_bits"] < evals[-1]["reset"]["subset_bits"] - 1.0

@@ -25,16 +25,17 @@ def test_demo_quick_end_to_end(tmp_path):
     run = tmp_path / "run"
     s = summary(run)
     assert s["last_loss"] < s["first_loss"] - 0.5, s
-    assert s["eval"]["tokens"] > 0 and 0 < s["eval"]["bpc"] < 8
+    assert s["eval"]["tokens"] > 0 and 0 < s["eval"]["bits_per_byte"] < 8
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"eval/valid_memory_gain_bpc", "eval/valid_bpc", "eval/valid_memory_ppl_ratio",
-            "eval/valid_loss_by_segment_reset"} <= set(tags), tags
-    gain = events.Scalars("eval/valid_memory_gain_bpc")[-1].value
-    assert gain == pytest.approx(s["eval"]["memory_gain_bpc"], abs=1e-5)
+    assert {"eval/valid_memory_gain_bits_per_token", "eval/valid_bits_per_byte",
+            "eval/valid_memory_ppl_ratio", "eval_by_segment/valid_seg0000-0000",
+            "eval_by_segment/valid_reset_seg0000-0000", "train/bits_per_byte"} <= set(tags), tags
+    gain = events.Scalars("eval/valid_memory_gain_bits_per_token")[-1].value
+    assert gain == pytest.approx(s["eval"]["memory_gain_bits_per_token"], abs=1e-5)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "manifest.json").is_file()
     assert f"tensorboard --logdir {run / 'tensorboard'}" in res.stdout
@@ -42,6 +43,6 @@ def test_demo_quick_end_to_end(tmp_path):
     # ends by exporting the model, evaluating the export and sampling from it
     assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
     test = json.loads((run / "test_eval.json").read_text())
-    assert test["tokens"] > 0 and 0 < test["bpc"] < 8
+    assert test["tokens"] > 0 and 0 < test["bits_per_byte"] < 8
     assert "test (export):" in res.stdout and "sample       :" in res.stdout
     assert test["reset"]["memory"] == "reset" and "memory gain" in res.stdout

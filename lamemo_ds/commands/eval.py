@@ -12,9 +12,18 @@ the memory gain loss(reset) - loss(carried); `carried` or `reset` runs one pass.
 corpus (`lamemo prepare --corpus recall`) the retrieval cost in bits per key symbol is reported
 too, next to log2(alphabet), the cost of a model that cannot see the key.
 
-Protocols (docs/algorithm.md §6): `paper` evaluates with the training segment and memory
-lengths; `xl` with Transformer-XL's longer memory (flags, else the `eval:` section of the
-training config stored with the model). The result names the protocol and every length it used.
+Protocols (docs/algorithm.md §6), derived by config.derive.eval_plan as in training: without
+flags, the run's own `eval:` settings (from the training config stored with the model; the paper
+protocol without one); `--protocol paper` the training segment and memory lengths; `--protocol
+xl` the `eval:` fields, else the model's. `--seg-len`, `--mem-len`, `--clamp-len` and
+`--same-length` override either (and name the protocol xl). The result names the protocol and
+every length it used, and the loss in the units of the data's tokenizer (bits per byte, bits
+per character, perplexity per word, or perplexity per token and bits per byte).
+
+    lamemo eval --model out/ --data data/enwik8 --mem-len 32,64,128,256 --output sweep.json
+
+evaluates each memory length and writes the table (sweep.json, sweep.txt) and a plot of the loss
+against the evaluation memory length (sweep.png).
 """
 
 from __future__ import annotations
@@ -41,14 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "memory gain")
     p.add_argument("--data", required=True, help="folder written by `lamemo prepare`")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--protocol", choices=["paper", "xl"], default="paper",
-                   help="paper: training N and mem_len; xl: longer memory (see --mem-len)")
-    p.add_argument("--seg-len", type=int, default=None, help="segment length (xl protocol)")
-    p.add_argument("--mem-len", type=int, default=None, help="memory length (xl protocol)")
-    p.add_argument("--clamp-len", type=int, default=None, help="clamp distances (xl protocol)")
+    p.add_argument("--protocol", choices=["paper", "xl"], default=None,
+                   help="paper: training N and mem_len; xl: the eval section's lengths (default: "
+                   "the run's own eval settings)")
+    p.add_argument("--seg-len", type=int, default=None, help="evaluation segment length")
+    p.add_argument("--mem-len", default=None,
+                   help="evaluation memory length, or a comma list (32,64,128) for a sweep")
+    p.add_argument("--clamp-len", type=int, default=None, help="clamp relative distances")
     p.add_argument("--same-length", choices=["true", "false"], default=None,
-                   help="every query sees the same number of keys (xl default: true)")
-    p.add_argument("--batch-size", type=int, default=8, help="streams evaluated together")
+                   help="every query sees the same number of keys (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="streams evaluated together (default: the run's eval.batch_size, or 8)")
     p.add_argument("--max-segments", type=int, default=0,
                    help="stop after this many segments per stream (0: the whole split)")
     p.add_argument("--output", help="also write the JSON result to this file")
@@ -61,36 +73,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trust_argument(p)
 
 
-def protocol_settings(args, cfg, run_config) -> dict:
-    """Segment/memory lengths, clamp and same_length for the chosen protocol."""
-    mem_len = 0 if cfg.memory == "none" else cfg.mem_len  # none keeps no memory whatever it says
-    paper = {"segment_len": cfg.segment_len, "mem_len": mem_len,
-             "clamp_len": cfg.clamp_len, "same_length": cfg.same_length}
-    if args.protocol == "paper":
-        return paper
-    stored = run_config.eval if run_config is not None else None
+def mem_lengths(text: str | None) -> list[int | None]:
+    """--mem-len: None, one length, or a comma list; ValueError names a bad entry."""
+    if text is None:
+        return [None]
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--mem-len {text!r}: {part!r} is not a whole number; give a "
+                             "length (64) or a comma list (32,64,128)") from None
+        if out[-1] < 0:
+            raise ValueError(f"--mem-len {text!r}: {out[-1]} must be >= 0")
+    return out
+
+
+def protocol_settings(args, cfg, run_config, mem_len: int | None = None) -> dict:
+    """Segment/memory lengths, clamp, same_length and batch size (config.derive.eval_plan)."""
+    from ..config.derive import eval_plan
+
     same = None if args.same_length is None else args.same_length == "true"
-    picks = {
-        "segment_len": args.seg_len if args.seg_len is not None else
-        getattr(stored, "segment_len", None),
-        "mem_len": args.mem_len if args.mem_len is not None else getattr(stored, "mem_len", None),
-        "clamp_len": args.clamp_len if args.clamp_len is not None else
-        getattr(stored, "clamp_len", None),
-        "same_length": same if same is not None else getattr(stored, "same_length", None),
-    }
-    if picks["mem_len"] is None:
-        from ..config.errors import UserError
-
-        raise UserError("--protocol xl needs --mem-len (and usually --seg-len, --clamp-len); "
-                        "none is stored in the model's training config")
-    defaults = {**paper, "same_length": True}
-    return {k: defaults[k] if v is None else v for k, v in picks.items()}
+    plan = eval_plan(cfg, run_config.eval if run_config is not None else None,
+                     protocol=args.protocol, segment_len=args.seg_len, mem_len=mem_len,
+                     clamp_len=args.clamp_len, same_length=same, batch_size=args.batch_size)
+    return {"protocol": plan.protocol, "segment_len": plan.segment_len,
+            "mem_len": plan.mem_len, "clamp_len": plan.clamp_len,
+            "same_length": plan.same_length, "batch_size": plan.batch_size}
 
 
-def _batches(args, seg_len: int):
+def _batches(args, s: dict):
     from ..data.streams import OrderedStreams
 
-    return OrderedStreams(args.data, args.split, seg_len=seg_len, rows=args.batch_size,
+    return OrderedStreams(args.data, args.split, seg_len=s["segment_len"], rows=s["batch_size"],
                           loop=False)
 
 
@@ -122,11 +137,11 @@ def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
 
     from ..evaluation import evaluate
 
-    batches = _batches(args, s["segment_len"])
+    batches = _batches(args, s)
     n_seg = len(batches)
     if args.max_segments:
         n_seg = min(n_seg, args.max_segments)
-    bar = tqdm(total=n_seg * args.batch_size * s["segment_len"], unit="tok",
+    bar = tqdm(total=n_seg * s["batch_size"] * s["segment_len"], unit="tok",
                desc=f"eval {args.split} ({memory} memory)", disable=args.no_progress,
                file=sys.stderr)
     try:
@@ -139,15 +154,17 @@ def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
         batches.close()
 
 
-def summarize(results: dict, kind: str, spec) -> dict:
+def summarize(results: dict, kind: str, spec, units) -> dict:
     """The JSON fields of a (carried and/or reset) evaluation: the first pass's numbers at top
     level, each pass under its name, the memory gain, and the recall cost when scored."""
     from ..evaluation import memory_gain
 
     main = results.get("carried") or results["reset"]
-    out = dict(main.as_dict())
+    out = dict(main.as_dict(units))
+    if units.bytes_note:
+        out["bits_per_byte_note"] = units.bytes_note
     if len(results) == 2:
-        out["reset"] = results["reset"].as_dict()
+        out["reset"] = results["reset"].as_dict(units)
         out.update(memory_gain(results["carried"], results["reset"]))
         if kind == "none":
             out["memory_gain_note"] = "model.memory=none: carried and reset are the same model"
@@ -158,17 +175,19 @@ def summarize(results: dict, kind: str, spec) -> dict:
     return out
 
 
-def _report(split: str, out: dict, s: dict, protocol: str) -> None:
-    for name in ("carried", "reset"):
-        r = out if out["memory"] == name else out.get(name)
-        if r is not None:
-            print(f"{split} ({name} memory): loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  "
-                  f"bpc {r['bpc']:.4f}  ({r['tokens']:,} tokens, protocol {protocol}, "
-                  f"N={s['segment_len']}, mem_len={s['mem_len']})", file=sys.stderr)
-    if "memory_gain_bpc" in out:
+def _report(split: str, results: dict, out: dict, s: dict, units) -> None:
+    from ..evaluation import describe
+
+    for name, r in results.items():
+        print(f"{split} ({name} memory): {describe(r, units)} (protocol {s['protocol']}, "
+              f"N={s['segment_len']}, mem_len={s['mem_len']})", file=sys.stderr)
+    if units.bytes_note:
+        print(units.bytes_note, file=sys.stderr)
+    if "memory_gain_bits_per_token" in out:
         note = f" ({out['memory_gain_note']})" if "memory_gain_note" in out else ""
-        print(f"memory gain: {out['memory_gain_bpc']:+.4f} bpc (loss(reset) - loss(carried)), "
-              f"ppl ratio {out['memory_ppl_ratio']:.3f}{note}", file=sys.stderr)
+        print(f"memory gain: {out['memory_gain_bits_per_token']:+.4f} bits per token "
+              f"(loss(reset) - loss(carried)), ppl ratio {out['memory_ppl_ratio']:.3f}{note}",
+              file=sys.stderr)
     if "recall" in out:
         rc = out["recall"]
         bits = ", ".join(f"{k} {v:.3f}" for k, v in rc["bits_per_key_symbol"].items())
@@ -188,10 +207,17 @@ def tokenizer_folder(model_path: str | Path, run_config) -> Path | None:
     return None
 
 
-def _check_args(args) -> None:
-    """The flags alone, before anything is read (UserError: exit 2)."""
+def _check_args(args) -> list[int | None]:
+    """The flags alone, before anything is read (UserError: exit 2); returns the memory
+    lengths to evaluate (--mem-len)."""
     from ..config.errors import UserError
 
+    try:
+        lengths = mem_lengths(args.mem_len)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.record and len(lengths) > 1:
+        raise UserError("--record stores one result; give one --mem-len (or drop --record)")
     if args.record and not (Path(args.model) / "config.json").is_file():
         raise UserError(f"--record stores the result in a `lamemo convert` folder; {args.model} "
                         "is not one (convert it first, or drop --record)")
@@ -201,21 +227,35 @@ def _check_args(args) -> None:
     for flag, value in (("--batch-size", args.batch_size), ("--seg-len", args.seg_len)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--max-segments", args.max_segments), ("--mem-len", args.mem_len)):
-        if value is not None and value < 0:
-            raise UserError(f"{flag} must be >= 0, got {value}")
+    if args.max_segments < 0:
+        raise UserError(f"--max-segments must be >= 0, got {args.max_segments}")
+    return lengths
 
 
-def _check_data(args, model, run_config, s: dict) -> None:
-    """The model–data contract (data/contract.py) for this model, data folder and split."""
-    from ..data.contract import check_vocab, data_folder, folder_tokenizer, require_split
+def _check_data(args, m, model, run_config, s: dict) -> None:
+    """The model–data contract (data/contract.py) for this model, data manifest `m` and split."""
+    from ..data.contract import check_vocab, folder_tokenizer, require_split
 
-    m = data_folder(args.data, flag="--data", split_flag="--split")
-    require_split(m, args.split, flag="--split", streams=args.batch_size,
+    require_split(m, args.split, flag="--split", streams=s["batch_size"],
                   seg_len=s["segment_len"])
     tok = tokenizer_folder(args.model, run_config)
     check_vocab(model.config.vocab_size, m, model=f"the model {args.model}",
                 model_tokenizer=folder_tokenizer(tok) if tok else None)
+
+
+def _evaluate_one(args, model, run_config, mem_len, scorer, units, device) -> dict:
+    """Every memory pass at one memory length: the JSON result (printed on stderr too)."""
+    from ..evaluation import memory_passes
+
+    s = protocol_settings(args, model.config, run_config, mem_len)
+    modes = ("carried", "reset") if args.memory == "both" else (args.memory,)
+    kind = model.config.memory
+    results = memory_passes(lambda mode: _one_pass(args, model, s, mode, scorer, device), modes,
+                            memory_kind=kind)
+    out = {"model": str(args.model), "data": str(args.data), "split": args.split, **s,
+           **summarize(results, kind, scorer.spec if scorer else None, units)}
+    _report(args.split, results, out, s, units)
+    return out
 
 
 def run(args) -> int:
@@ -225,30 +265,26 @@ def run(args) -> int:
     from ..convert.convert import record_eval
     from ..data.contract import data_folder
     from ..data.recall import recall_scorer
-    from ..evaluation import memory_passes
+    from ..evaluation import Units
+    from .mem_sweep import write_sweep
 
-    _check_args(args)
-    data_folder(args.data, flag="--data", split_flag="--split")  # before the model is read
+    lengths = _check_args(args)
+    manifest = data_folder(args.data, flag="--data", split_flag="--split")  # before the model
     try:
         model, run_config = load_model(args.model, args.src_format, verify=not args.no_verify)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"lamemo eval: {e}", file=sys.stderr)
         return 1
-    s = protocol_settings(args, model.config, run_config)
-    _check_data(args, model, run_config, s)
+    _check_data(args, manifest, model, run_config,
+                protocol_settings(args, model.config, run_config, lengths[0]))
+    units = Units.from_manifest(manifest, args.split)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = recall_scorer(args.data, args.split)
-    modes = ("carried", "reset") if args.memory == "both" else (args.memory,)
-    kind = model.config.memory
-    results = memory_passes(lambda mode: _one_pass(args, model, s, mode, scorer, device), modes,
-                            memory_kind=kind)
-    out = {"model": str(args.model), "data": str(args.data), "split": args.split,
-           "protocol": args.protocol, **s, "batch_size": args.batch_size,
-           **summarize(results, kind, scorer.spec if scorer else None)}
-    _report(args.split, out, s, args.protocol)
+    rows = [_evaluate_one(args, model, run_config, m, scorer, units, device) for m in lengths]
+    out = rows[0] if len(rows) == 1 else write_sweep(rows, units, args.output)
     text = json.dumps(out, indent=2)
     print(text)
-    if args.output:
+    if args.output and len(rows) == 1:
         Path(args.output).write_text(text + "\n")
     if args.record:
         record_eval(Path(args.model), model, out)

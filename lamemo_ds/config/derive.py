@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .schema import ConfigError, RunConfig
+from .schema import ConfigError, EvalConfig, ModelConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,37 @@ class Plan:
                 f"tokens/step; ZeRO {self.zero_stage}, {self.precision}, {self.backend}")
 
 
+def eval_plan(model: ModelConfig, ev: EvalConfig | None, *, protocol: str | None = None,
+              segment_len: int | None = None, mem_len: int | None = None,
+              clamp_len: int | None = None, same_length: bool | None = None,
+              batch_size: int | None = None) -> EvalPlan:
+    """The one protocol derivation, for training and `lamemo eval` (docs/algorithm.md §6).
+
+    Starts from the run's `eval` section (`ev`; None: the paper protocol); `protocol` picks
+    another; the length arguments override either and name the protocol `xl` (lengths other
+    than training's). Unset xl fields are the model's. A `none` model keeps no memory."""
+    protocol = protocol or (ev.protocol if ev is not None else "paper")
+    base = ev if ev is not None else EvalConfig()
+    given = {"segment_len": segment_len, "mem_len": mem_len, "clamp_len": clamp_len,
+             "same_length": same_length}
+    if any(v is not None for v in given.values()):
+        protocol = "xl"
+    xl = protocol == "xl"
+
+    def pick(name: str):
+        if given[name] is not None:
+            return given[name]
+        stored = getattr(base, name) if xl else None
+        return getattr(model, name) if stored is None else stored
+
+    mem = 0 if model.memory == "none" else pick("mem_len")
+    size = batch_size if batch_size is not None else (ev.batch_size if ev else 8)
+    return EvalPlan(protocol, pick("segment_len"), mem, pick("clamp_len"),
+                    pick("same_length"), size)
+
+
 def _eval_plan(cfg: RunConfig) -> EvalPlan:
-    m, e = cfg.model, cfg.eval
-    if e.protocol == "paper":
-        return EvalPlan("paper", m.segment_len, m.mem_len, m.clamp_len, m.same_length,
-                        e.batch_size)
-    return EvalPlan(
-        "xl", e.segment_len or m.segment_len, m.mem_len if e.mem_len is None else e.mem_len,
-        m.clamp_len if e.clamp_len is None else e.clamp_len,
-        m.same_length if e.same_length is None else e.same_length, e.batch_size)
+    return eval_plan(cfg.model, cfg.eval)
 
 
 def with_data_vocab(cfg: RunConfig, data_vocab: int) -> RunConfig:

@@ -143,8 +143,9 @@ def record_eval(folder: Path, model: torch.nn.Module, result: dict) -> None:
     path = folder / EVAL_NAME
     evals = json.loads(path.read_text()) if path.is_file() else {}
     evals[f"{result['split']}/{result['protocol']}"] = {
-        k: result[k] for k in ("loss", "ppl", "bpc", "tokens", "segment_len", "mem_len",
-                               "clamp_len", "same_length", "data", "memory", "memory_gain_bpc",
+        k: result[k] for k in ("loss", "bits_per_byte", "bits_per_char", "ppl_per_word",
+                               "ppl_per_token", "tokens", "segment_len", "mem_len", "clamp_len",
+                               "same_length", "data", "memory", "memory_gain_bits_per_token",
                                "recall") if k in result}
     run_cfg, toks, _ = _read_extras(folder)
     loaded = Loaded(model=model, source=str(folder), run_config=run_cfg, tokenizer_files=toks,

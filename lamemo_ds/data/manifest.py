@@ -2,7 +2,8 @@
 
 The manifest is written last (atomically), so its presence means prepare finished. It lists per
 split every shard (url, samples, documents, tokens, bytes, sha256, cumulative token offset) and
-the flat token file the stream loader memory-maps, plus corpus statistics and the tokenizer id.
+the flat token file the stream loader memory-maps, the UTF-8 bytes of its text (`text_bytes`:
+bits per byte of BPE runs, evaluation.Units), plus corpus statistics and the tokenizer id.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ loader position identical on every rank for checkpoints).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from ..checkpoint.layer_map import rename_keys
@@ -83,6 +86,49 @@ def train_batch(engine, items: list) -> tuple[float, bool]:
     applied = flag.item() == 0.0
     pipe.memory.settle(applied)
     return float(loss), applied
+
+
+def stage_grad_norm(engine) -> float:
+    """The global gradient norm over every stage (collective: every rank calls it).
+
+    A tied weight lives on each stage of its tie group with the same all-reduced gradient, so
+    each copy counts 1/|group|; data-parallel replicas hold the same gradients (divided out)."""
+    pipe: LaMemoPipe = engine.module
+    tied = {id(w): torch.distributed.get_world_size(g)
+            for w, g in pipe.get_tied_weights_and_groups()}
+    params = list(pipe.parameters())
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        if p.grad is not None:
+            sq += p.grad.double().pow(2).sum() / tied.get(id(p), 1)
+    torch.distributed.all_reduce(sq)
+    return math.sqrt(sq.item() / engine.grid.data_parallel_size)
+
+
+def record_grad_norm(engine) -> Callable[[], float]:
+    """On the fp32 ZeRO-0 path DeepSpeed clips (or not) without keeping the gradient norm, and
+    `engine.train_batch` zeroes the gradients before it returns: measure the pre-clip norm just
+    before DeepSpeed's clipping (or, without clipping, its optimizer step). Returns a getter of
+    the last step's norm (NaN until a step ran). Other paths report
+    `engine.get_global_grad_norm()` themselves; this leaves them alone."""
+    last = [float("nan")]
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return lambda: last[0]
+
+    def measure(*_args, **_kwargs) -> None:
+        last[0] = stage_grad_norm(engine)
+
+    if engine.gradient_clipping() > 0.0:
+        clip = engine.clip_fp32_gradients  # DeepSpeed's engine method, called before the step
+
+        def measure_then_clip() -> None:
+            measure()
+            clip()
+
+        engine.clip_fp32_gradients = measure_then_clip
+    else:
+        engine.optimizer.register_step_pre_hook(measure)
+    return lambda: last[0]
 
 
 # ----------------------------------------------------------------------------- checkpoints

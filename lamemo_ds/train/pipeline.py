@@ -3,7 +3,8 @@
 The trainer (train/trainer.py) runs the job as for data parallelism; this strategy makes:
 - a step: `engine.train_batch` over the step's micro-batches (slot m = micro-batch m); the
   memory it wrote is committed on every stage only if every rank applied the step;
-- an evaluation: `engine.eval_batch` with the stages' separate evaluation banks;
+- an evaluation: the trainer's `evaluation.run_eval` with a `PipelineScorer` (`engine.eval_batch`
+  with the stages' separate evaluation banks);
 - the weights of a checkpoint: the layer files plus layer_map.json. A checkpoint of another
   layout (P or world size changed, or a data-parallel one) loads its weights through the layer
   map and restarts the optimizer moments; the trainer resets the memory and re-partitions the
@@ -21,16 +22,45 @@ from ..checkpoint.layer_map import logical_state_dict, write_layer_map
 from ..checkpoint.manager import DS_TAG
 from ..config.derive import Plan
 from ..config.schema import RunConfig
-from ..data.streams import OrderedStreams
-from ..evaluation import EvalResult
+from ..evaluation import SegmentScore
 from ..model import LaMemoLM
 from ..parallel.pipeline_engine import (
     build_pipeline_engine,
     load_logical,
     micro_batches,
+    record_grad_norm,
     train_batch,
 )
 from .strategy import Hooks, StepResult
+
+
+class PipelineScorer:
+    """`engine.eval_batch` of one segment from the evaluation banks; the training memory is left
+    untouched. A fresh memory flags every row as a stream start (no memory row is valid). The
+    engine averages the last stage's mean over data-parallel ranks and broadcasts it to every
+    stage, so the score is already a sum over all ranks (every rank scores as many tokens)."""
+
+    global_sums = True
+
+    def __init__(self, engine, device: torch.device, *, dp_size: int):
+        self.engine, self.pipe, self.device, self.dp_size = engine, engine.module, device, dp_size
+
+    def start(self) -> None:
+        self.pipe.reset_memory("eval")
+        self.engine.reset_activation_shape()  # eval shapes (mem_len, rows) may differ
+
+    def __call__(self, x, y, reset, *, fresh: bool) -> SegmentScore:
+        if fresh:
+            reset = torch.ones_like(reset)
+        items = micro_batches(x.to(self.device), y.to(self.device), reset.to(self.device),
+                              micro_batch=x.shape[0])
+        mean = float(self.engine.eval_batch(iter(items), num_micro_batches=1))
+        n = y.numel() * self.dp_size
+        return SegmentScore(torch.tensor(mean * n, dtype=torch.float64), n)
+
+    def close(self) -> None:
+        self.engine.reset_activation_shape()
+        self.pipe.reset_memory("eval")
 
 
 class PipelineParallel:
@@ -46,6 +76,7 @@ class PipelineParallel:
         self.bundle = build_pipeline_engine(model.to(device), cfg, plan,
                                             cuda=device.type == "cuda")
         self.engine = self.bundle.engine
+        self.fp32_grad_norm = record_grad_norm(self.engine)
         self.pipe = self.engine.module
         self.memory = self.pipe.memory
         self._step = 0  # the trainer's step and the micro-batch index, for the loss hook
@@ -69,6 +100,7 @@ class PipelineParallel:
                                "applied the update; parameters may be corrupt")
         self.last_loss = loss
         gn = self.engine.get_global_grad_norm()
+        gn = self.fp32_grad_norm() if gn is None else gn
         # one collective for the stop flag and every layer's mean alpha (layers live on
         # different stages): [stop, alpha sums..., counts...] summed over all ranks
         local = torch.cat([torch.tensor([float(stop_requested)], dtype=torch.float64),
@@ -82,42 +114,14 @@ class PipelineParallel:
                           stop=agreed[0].item() > 0, alphas=alphas)
 
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0, stop=None,
-                 memory: str = "carried") -> EvalResult:
-        """Loss over `split` from empty eval banks; the training memory is left untouched.
-        memory="reset" flags every segment as a stream start (no memory row is valid). The last
-        stage reports a mean loss per micro-batch, so recall key symbols are not scored apart
-        here (`lamemo eval` on the checkpoint does)."""
-        ev = self.plan.eval
-        loader = OrderedStreams(
-            self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
-            dp_rank=self.dp_rank, dp_size=self.plan.dp_size, prefetch=self.cfg.data.prefetch,
-            loop=False)
-        by_index: dict[int, list[float]] = {}
-        interrupted = False
-        self.pipe.reset_memory("eval")
-        self.engine.reset_activation_shape()  # eval shapes (mem_len, rows) may differ
-        try:
-            for i, b in enumerate(loader):
-                if max_segments and i >= max_segments:
-                    break
-                if stop is not None and i and i % 16 == 0 and stop():
-                    interrupted = True
-                    break
-                reset = torch.ones_like(b.reset) if memory == "reset" else b.reset
-                items = micro_batches(b.input.to(self.device), b.target.to(self.device),
-                                      reset.to(self.device), micro_batch=ev.batch_size)
-                loss = self.engine.eval_batch(iter(items), num_micro_batches=1)
-                by_index.setdefault(int(b.index), []).append(float(loss))
-        finally:
-            loader.close()
-            self.engine.reset_activation_shape()
-            self.pipe.reset_memory("eval")
-        losses = [v for vals in by_index.values() for v in vals]
-        tokens = len(losses) * ev.batch_size * ev.segment_len * self.plan.dp_size
-        by_seg = [sum(by_index[k]) / len(by_index[k]) for k in sorted(by_index)]
-        return EvalResult(loss=sum(losses) / max(len(losses), 1), tokens=tokens,
-                          by_segment=by_seg, interrupted=interrupted, memory=memory)
+    def eval_scorer(self) -> PipelineScorer:
+        """The segment scorer of evaluation.run_eval: the stages' separate evaluation banks."""
+        return PipelineScorer(self.engine, self.device, dp_size=self.plan.dp_size)
+
+    def target_mask(self, split: str) -> None:
+        """The last stage reports a mean loss per micro-batch, so recall key symbols are not
+        scored apart here (`lamemo eval` on the checkpoint does)."""
+        return None
 
     # ------------------------------------------------------------------------- checkpoints
     def layout(self) -> dict:

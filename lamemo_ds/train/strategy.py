@@ -8,7 +8,8 @@ or `PipelineParallel` (train/pipeline.py: a PipelineEngine over LaMemoPipe stage
     engine, bundle, dp_rank        the DeepSpeed engine, its optimizer/schedule, the data rank
     memory                         Stateful memory of this rank (settle / reset / state_dict)
     train_step(batch, step=, stop_requested=) -> StepResult
-    evaluate(split, max_segments=, stop=, memory=) -> evaluation.EvalResult
+    eval_scorer() -> evaluation.SegmentScorer   the model side of the one evaluation loop
+    target_mask(split)             recall key symbols scored apart (None: not supported/needed)
     layout() -> dict               how this run is laid out (checkpoint meta)
     same_layout(meta) -> bool      whether a checkpoint's layout is this one
     save_weights(folder, tag)      DeepSpeed's files (+ the layer map of a pipeline)

@@ -14,8 +14,10 @@ for `lamemo convert --to deepspeed`, which writes a checkpoint the trainer resum
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -23,14 +25,15 @@ from ..checkpoint.manager import DS_TAG, CheckpointManager, Found
 from ..config.derive import Plan
 from ..config.load import dump_config
 from ..config.schema import RunConfig
+from ..data.manifest import load_manifest
 from ..data.recall import recall_scorer
 from ..data.streams import OrderedStreams
-from ..evaluation import EvalResult, evaluate, memory_passes
+from ..evaluation import EvalResult, ModelScorer, Units, memory_passes, run_eval
 from ..model import LaMemoLM
 from ..model.bank import MemoryBank
 from ..model.flops import segment_flops
 from ..parallel.engine import build_engine
-from .metrics import Metrics, Throughput, peak_tflops
+from .metrics import Interval, Metrics, peak_tflops
 from .signals import EXIT_OK, EXIT_PREEMPTED, StopFlag, requeue_slurm
 from .state import RNG, LRSchedule, Progress, rank_seed, seed_all
 from .strategy import Hooks, StepResult
@@ -108,23 +111,16 @@ class DataParallel:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     # ------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str, *, max_segments: int = 0, stop=None,
-                 memory: str = "carried") -> EvalResult:
-        """Loss over `split` with a fresh memory bank, every rank contributing its streams;
-        `stop` (collective) ends it early on a preemption signal. memory="reset" empties the
-        memory before every segment; on a recall corpus the key symbols are scored apart."""
+    def eval_scorer(self) -> ModelScorer:
+        """The segment scorer of evaluation.run_eval: the engine with a fresh evaluation memory
+        (the training memory bank is left untouched)."""
         ev = self.plan.eval
-        loader = OrderedStreams(
-            self.cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
-            dp_rank=self.rank, dp_size=self.plan.dp_size, prefetch=self.cfg.data.prefetch,
-            loop=False)
-        try:
-            return evaluate(self.engine, loader, mem_len=ev.mem_len, clamp_len=ev.clamp_len,
-                            same_length=ev.same_length, max_segments=max_segments,
-                            all_reduce=self.comm.all_reduce, stop=stop, memory=memory,
-                            target_mask=self._scorer(split))
-        finally:
-            loader.close()
+        return ModelScorer(self.engine, mem_len=ev.mem_len, clamp_len=ev.clamp_len,
+                           same_length=ev.same_length)
+
+    def target_mask(self, split: str):
+        """On a recall corpus the key symbols are scored apart (None otherwise)."""
+        return self._scorer(split)
 
     def _scorer(self, split: str):
         """The recall key-symbol mask of `split` (None unless the data is a recall corpus)."""
@@ -179,6 +175,14 @@ def build_streams(cfg: RunConfig, plan: Plan, dp_rank: int, *,
         random_roll=cfg.data.random_roll, prefetch=prefetch or cfg.data.prefetch)
 
 
+def eval_streams(cfg: RunConfig, plan: Plan, split: str, dp_rank: int) -> OrderedStreams:
+    """The evaluation streams of `split` for data-parallel rank `dp_rank` (no looping)."""
+    ev = plan.eval
+    return OrderedStreams(cfg.data.path, split, seg_len=ev.segment_len, rows=ev.batch_size,
+                          dp_rank=dp_rank, dp_size=plan.dp_size, prefetch=cfg.data.prefetch,
+                          loop=False)
+
+
 def training_state(*, progress: Progress, streams: OrderedStreams, parallel, rng: RNG) -> dict:
     """The Stateful pieces a checkpoint saves per rank, by name (see train/state.py)."""
     return {"progress": progress, "streams": streams, "memory": parallel.memory, "rng": rng,
@@ -226,9 +230,10 @@ class Trainer:
         self.loader = build_streams(cfg, self.plan, self.parallel.dp_rank)
         self.state = training_state(progress=self.progress, streams=self.loader,
                                     parallel=self.parallel, rng=self.rng)
-        unit = "bpc" if cfg.model.vocab_size <= 300 else "ppl"
+        manifest = load_manifest(cfg.data.path)
+        units = {split: Units.from_manifest(manifest, split) for split in manifest.splits}
         self.metrics = Metrics(cfg.train.output_dir, enabled=self.rank == 0,
-                               tensorboard=cfg.logging.tensorboard, unit=unit)
+                               tensorboard=cfg.logging.tensorboard, units=units)
         self.ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, comm=self.comm,
                                       log=self.log, on_phase=self.hooks.save_phase)
@@ -252,9 +257,22 @@ class Trainer:
         r.wait_s = wait
         return r
 
-    def evaluate(self, split: str, **kwargs) -> EvalResult:
-        """Loss over `split` with the strategy's evaluation memory (see its `evaluate`)."""
-        return self.parallel.evaluate(split, **kwargs)
+    def evaluate(self, split: str, *, max_segments: int = 0, stop=None,
+                 memory: str = "carried", progress=None) -> EvalResult:
+        """Loss over `split` from a fresh evaluation memory, every data-parallel rank scoring its
+        streams with the strategy's scorer (evaluation.run_eval, as `lamemo eval`); `stop`
+        (collective) ends it early on a preemption signal; `progress(done, total)` counts
+        segments."""
+        loader = eval_streams(self.cfg, self.plan, split, self.parallel.dp_rank)
+        total = min(len(loader), max_segments) if max_segments else len(loader)
+        done = itertools.count(1)
+        try:
+            return run_eval(self.parallel.eval_scorer(), loader, max_segments=max_segments,
+                            all_reduce=self.comm.all_reduce, stop=stop, memory=memory,
+                            target_mask=self.parallel.target_mask(split),
+                            progress=progress and (lambda _n: progress(next(done), total)))
+        finally:
+            loader.close()
 
     # ------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
@@ -314,22 +332,19 @@ class Trainer:
     def _loop(self, flag: StopFlag, *, saved_step: int = -1) -> int:
         """Steps to max_steps; `saved_step`: the step whose checkpoint exists (resumed from)."""
         cfg, t = self.cfg, self.cfg.train
-        meter, alpha_acc, last_saved = Throughput(), [], saved_step
+        meter, last_saved = Interval(), saved_step
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             r = self.train_step(flag.is_set)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
-            meter.steps += 1
-            meter.wait += r.wait_s
+            meter.add(r, tokens=self.plan.tokens_per_step)
             self._count_skip(r)
             lr = self.bundle.scheduler.get_last_lr()[0]
             self.metrics.step(self.step, loss=r.loss, skipped=r.skipped, lr=lr)
-            alpha_acc.append(r.alphas)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                self._log_interval(meter, r, lr, alpha_acc)
+                self._log_interval(meter, lr)
                 meter.reset()
-                alpha_acc = []
             self.hooks.step_end(self, self.step)
             if r.stop:
                 return self._preempted()
@@ -343,6 +358,8 @@ class Trainer:
             self.save()
         if self._eval(cfg.data.valid_split, t.eval_max_segments, flag):
             return self._preempted(saved=True)  # this step is saved already: not twice
+        self.metrics.summary(step=self.step, tokens=self.step * self.plan.tokens_per_step,
+                             train_seconds=self.train_seconds)
         return EXIT_OK
 
     def _count_skip(self, r: StepResult) -> None:
@@ -360,32 +377,39 @@ class Trainer:
                 f"(train.max_consecutive_skips={limit}) at step {self.step}; lower optim.lr, "
                 "check the data, or use fp32/bf16. No checkpoint of this state was written.")
 
-    def _log_interval(self, meter: Throughput, r: StepResult, lr: float, alpha_acc) -> None:
+    def _log_interval(self, meter: Interval, lr: float) -> None:
+        """Means over the interval (loss token-weighted), step/total, tokens seen, ETA."""
         perf = meter.summary(tokens_per_step=self.plan.tokens_per_step,
                              flops_per_token=self.flops_per_token,
                              world_size=self.comm.world_size, peak=self.peak)
         scale = getattr(self.bundle.optimizer, "cur_scale", None)
-        scalars = {"train/loss": r.loss, f"train/{self.metrics.unit}": self.metrics.score(r.loss),
-                   "train/lr": lr, "train/grad_norm": r.grad_norm,
+        split = self.cfg.data.train_split
+        units = self.metrics.units(split).scores(meter.loss)
+        left = (self.cfg.train.max_steps - self.step) * perf["perf/step_time_s"]
+        scalars = {"train/loss": meter.loss, **{f"train/{k}": v for k, v in units.items()},
+                   "train/lr": lr, "train/grad_norm": meter.grad_norm,
                    "train/loss_scale": float(scale) if scale is not None else None,
-                   "train/skipped_steps": float(self.skipped_total), **perf}
-        rows = [a for a in alpha_acc if a]
-        alphas = [sum(col) / len(col) for col in zip(*rows)] if rows else []
-        self.metrics.interval(self.step, scalars, alphas)
+                   "train/skipped_steps": float(self.skipped_total), **perf,
+                   "progress/tokens": float(self.step * self.plan.tokens_per_step),
+                   "progress/elapsed_s": self.train_seconds, "progress/eta_s": left}
+        self.metrics.interval(self.step, scalars, meter.mean_alphas(),
+                              max_steps=self.cfg.train.max_steps, split=split)
 
     def _eval(self, split: str, max_segments: int, flag: StopFlag) -> bool:
-        """Evaluate (with carried memory, then reset memory for the memory gain) and log; True
-        when a stop signal interrupted it (nothing is logged then)."""
+        """Evaluate (with carried memory, then reset memory for the memory gain) and log, with
+        progress lines on the way; True when a stop signal interrupted it (nothing logged)."""
         modes = ("carried", "reset") if self.cfg.eval.memory_gain else ("carried",)
         results = memory_passes(
             lambda mode: self.evaluate(split, max_segments=max_segments, memory=mode,
-                                       stop=lambda: self.comm.any(flag.is_set)),
+                                       stop=lambda: self.comm.any(flag.is_set),
+                                       progress=self.metrics.eval_progress(self.step, split,
+                                                                           mode)),
             modes, memory_kind=self.cfg.model.memory)
         if any(r.interrupted for r in results.values()):
             self.log(f"evaluation of {split} interrupted by a stop signal")
             return True
         self.metrics.eval(self.step, split, results["carried"], reset=results.get("reset"),
-                          train_seconds=self.train_seconds)
+                          train_seconds=self.train_seconds, settings=asdict(self.plan.eval))
         return False
 
     def _preempted(self, *, saved: bool = False) -> int:
