@@ -260,7 +260,7 @@ def test_metrics_open_drops_later_lines_and_purges_tensorboard(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
-    m = Metrics(tmp_path, enabled=True, tensorboard=True, unit="bpc")
+    m = Metrics(tmp_path, enabled=True, tensorboard=True)
     m.open(5)
     m.step(6, loss=2.0, skipped=False, lr=0.1)
     m.close()
