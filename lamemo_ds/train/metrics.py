@@ -3,7 +3,7 @@
 metrics.jsonl (rank 0, in train.output_dir) gets one line per optimizer step
 ({"step", "loss", "skipped", "lr"}), one per log interval ({"step", "interval": {TensorBoard
 scalars: means over the interval}, "alpha": [...]}), one per evaluation ({"step", "eval":
-{...}}) and a last one at the end ({"summary": {...}}). One history per run: a run that starts at
+{...}}) and a last one at the end ({"step", "summary": {...}}). One history per run: a run that starts at
 step S (the step of the checkpoint it resumed from, 0 for a fresh start) first drops the lines of
 steps after S (atomically: lines a killed run wrote past its last checkpoint, and a line it cut in
 half) and opens TensorBoard with purge_step=S+1, so the re-run steps replace the lost ones and
@@ -251,7 +251,7 @@ class Metrics:
         best = min(self.evals, key=lambda e: e["loss"]) if self.evals else None
         record = {"step": step, "tokens": tokens, "train_seconds": train_seconds,
                   "best_eval": best, "last_eval": self.evals[-1] if self.evals else None}
-        self.jsonl.write(json.dumps({"summary": record}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "summary": record}) + "\n")
         parts = [f"done: step {record['step']}", f"{_count(record['tokens'])} tokens",
                  f"{clock(record['train_seconds'])} training"]
         for name in ("best", "last"):
