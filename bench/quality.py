@@ -154,7 +154,7 @@ def summarize(runs: list[dict], memories: list[str]) -> dict:
             row[f"step@{tag}"] = mean_sd([e["step"] for e in pick])
         row["seconds_per_step"] = mean_sd([e["train_seconds"] / e["step"] for e in last])
         out["models"][m] = row
-    for tag in ("steps", "time"):
+    for tag in ("steps", "time") if len(memories) > 1 else ():  # a ranking needs two models
         key = f"bpc@{tag}"
         ranked = sorted(memories, key=lambda m: out["models"][m][key][0])
         (b, bs), (c, cs) = out["models"][ranked[0]][key], out["models"][ranked[1]][key]
@@ -195,10 +195,10 @@ def report(s: dict, a) -> str:
                 line += (" {:.3f} +- {:.3f}".format(*r[f"recall_bits@{tag}"]) +
                          " {:7.3f}".format(r[f"recall_bits_reset@{tag}"][0]))
             lines.append(line)
-        best = s[f"best@{tag}"]
-        lines.append(f"best: {best['memory']}, {best['margin_bpc']:.4f} bpc below "
-                     f"{best['runner_up']} ("
-                     + NOISE[best["beyond_noise"]] + ")")
+        best = s.get(f"best@{tag}")
+        if best is not None:
+            lines.append(f"best: {best['memory']}, {best['margin_bpc']:.4f} bpc below "
+                         f"{best['runner_up']} (" + NOISE[best["beyond_noise"]] + ")")
         for m, v in s.get(f"vs_none@{tag}", {}).items():
             word = "below" if v["margin_bpc"] > 0 else "above"
             lines.append(f"{m} vs none: {abs(v['margin_bpc']):.4f} bpc {word} none ("

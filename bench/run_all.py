@@ -36,8 +36,9 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
                        "none over seeds, equal steps and equal time, memory gain"),
     "bad_inputs": ("bad_inputs.py", [], "bad inputs: exit code, one-line error, nothing left "
                    "behind (tests/test_bad_inputs.py)"),
-    "mem_sweep": ("mem_sweep.py", [], "stdlib: xl and lamemo evaluated with memory lengths "
-                  "16-256 (trained with 64)"),
+    "mem_sweep": ("mem_sweep.py", ["--clamp-lens", "train,128"], "stdlib: xl and lamemo "
+                  "evaluated with memory lengths 16-256 (trained with 64), unclamped and with "
+                  "clamp_len 128"),
 }
 
 

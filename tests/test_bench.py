@@ -39,7 +39,8 @@ def test_run_all_tiny_writes_results_and_markdown(tmp_path):
     assert "recall_bits@steps" in by["quality_recall"]["result"]["summary"]["models"]["xl"]
     assert {r["memory"] for r in by["recall"]["result"]["runs"]} == {"xl", "lamemo", "none"}
     sweep = by["mem_sweep"]["result"]["results"]
-    assert set(sweep) == {"xl", "lamemo"}
+    assert set(sweep) == {"xl", "lamemo", "xl clamp128", "lamemo clamp128"}
+    assert sweep["lamemo clamp128"]["clamp_len"] == 128
     assert [r["mem_len"] for r in sweep["xl"]["rows"]] == [8, 16, 32]
     assert all(r["bits_per_byte"] > 0 for r in sweep["lamemo"]["rows"])
     assert (tmp_path / "mem_sweep.png").is_file()
