@@ -27,6 +27,7 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
             "--batch-size", "2", "--max-segments", "3", "--no-progress"]
     r = lamemo(*base)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: mem_len" not in r.stderr  # the training lengths: no clamp needed
     res = json.loads(r.stdout)
     model, _ = load_model_folder(tmp_path / "m")
     want = evaluate(model, OrderedStreams(str(corpus), "valid", seg_len=8, rows=2, loop=False),
@@ -57,6 +58,11 @@ def test_eval_cli_matches_evaluate_and_records(tmp_path, corpus, lamemo):
     assert (xl["protocol"], xl["mem_len"], xl["segment_len"], xl["same_length"]) == \
         ("xl", 24, 4, cfg.same_length)
     assert "mem_len=24" in r.stderr
+    # lamemo beyond the N + M of training with no clamp: a note names the clamp to use
+    assert cfg.memory == "lamemo" and "add --clamp-len 16" in r.stderr
+    r = lamemo(*base, "--mem-len", "24", "--seg-len", "4", "--clamp-len", "16")
+    assert r.returncode == 0 and "note: mem_len" not in r.stderr
+    assert json.loads(r.stdout)["clamp_len"] == 16
     # --protocol xl alone: the model's lengths (no eval section stored with this export)
     r = lamemo(*base, "--protocol", "xl")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -248,6 +248,13 @@ def _evaluate_one(args, model, run_config, mem_len, scorer, units, device) -> di
     from ..evaluation import memory_passes
 
     s = protocol_settings(args, model.config, run_config, mem_len)
+    trained = model.config.segment_len + model.config.mem_len
+    if (model.config.memory == "lamemo" and s["clamp_len"] <= 0
+            and s["segment_len"] + s["mem_len"] > trained):
+        print(f"lamemo eval: note: mem_len {s['mem_len']} with N={s['segment_len']} reaches "
+              f"relative distances beyond the {trained} (N + M) seen in training and clamp_len "
+              f"is off; lamemo's look-ahead memory degrades there: add --clamp-len {trained} "
+              "(bench/RESULTS.md, the eval memory sweep)", file=sys.stderr)
     modes = ("carried", "reset") if args.memory == "both" else (args.memory,)
     kind = model.config.memory
     results = memory_passes(lambda mode: _one_pass(args, model, s, mode, scorer, device), modes,

@@ -3,12 +3,12 @@
 metrics.jsonl (rank 0, in train.output_dir) gets one line per optimizer step
 ({"step", "loss", "skipped", "lr"}), one per log interval ({"step", "interval": {TensorBoard
 scalars: means over the interval}, "alpha": [...]}), one per evaluation ({"step", "eval":
-{...}}) and a last one at the end ({"step", "summary": {...}}). One history per run: a run that starts at
-step S (the step of the checkpoint it resumed from, 0 for a fresh start) first drops the lines of
-steps after S (atomically: lines a killed run wrote past its last checkpoint, and a line it cut in
-half) and opens TensorBoard with purge_step=S+1, so the re-run steps replace the lost ones and
-every step appears once. Tests compare the per-step losses of interrupted and uninterrupted runs
-from this file.
+{...}}) and a last one at the end ({"step", "summary": {...}}). One history per run: a run that
+starts at step S (the step of the checkpoint it resumed from, 0 for a fresh start) first drops
+the lines of steps after S (atomically: lines a killed run wrote past its last checkpoint, and a
+line it cut in half) and opens TensorBoard with purge_step=S+1, so the re-run steps replace the
+lost ones and every step appears once. Tests compare the per-step losses of interrupted and
+uninterrupted runs from this file.
 """
 
 from __future__ import annotations
