@@ -27,7 +27,17 @@ def _check(res: subprocess.CompletedProcess, out: Path, launcher: str) -> None:
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.getcwd(), **kw)
+    """The launch, its output whole; a launch that hangs fails with the workers' output (what
+    one rank raised while the others waited), not only the command that timed out."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.getcwd(),
+                              **kw)
+    except subprocess.TimeoutExpired as e:
+        def text(b) -> str:
+            return (b.decode(errors="replace") if isinstance(b, bytes) else b or "")[-4000:]
+
+        pytest.fail(f"{cmd[0]} hung for 300 s\n--- stdout\n{text(e.stdout)}\n--- stderr\n"
+                    f"{text(e.stderr)}", pytrace=False)
 
 
 @pytest.mark.distributed
