@@ -62,10 +62,8 @@ def _verify_step(step: Path, *, located: bool) -> list[Check]:
     lamemo = (step / DS_TAG).is_dir()
     if located:
         checks.append(Check("manifest", True, "every file matches its size and sha256"))
-    elif lamemo or (step / "manifest.json").is_file():
-        reason = verify(step)
-        checks.append(Check("manifest", reason is None,
-                            reason or "every file matches its size and sha256"))
+    elif lamemo or (step / MANIFEST).is_file():
+        checks.append(_manifest_check(step))
     else:
         checks.append(Check("manifest", True, "none (a bare DeepSpeed folder, not written by "
                             "`lamemo train`): files checked one by one below"))
@@ -93,14 +91,18 @@ def _verify_step(step: Path, *, located: bool) -> list[Check]:
     return checks
 
 
+def _manifest_check(folder: Path) -> Check:
+    """Every file of `folder` against its manifest.json (sizes and sha256)."""
+    reason = verify(folder)
+    return Check("manifest", reason is None, reason or "every file matches its size and sha256")
+
+
 def _verify_folder(path: Path) -> list[Check]:
     from .reference import REFERENCE_NAME, read_reference
 
     checks: list[Check] = []
     if (path / MANIFEST).is_file():
-        reason = verify(path)
-        checks.append(Check("manifest", reason is None,
-                            reason or "every file matches its size and sha256"))
+        checks.append(_manifest_check(path))
     else:
         checks.append(Check("manifest", True, "none (written by hand or by an older lamemo): "
                             "sizes and checksums not checked"))
