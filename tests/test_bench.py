@@ -19,7 +19,13 @@ def test_run_all_tiny_writes_results_and_markdown(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny",
                           "--only", names, "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=900, cwd=REPO)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if res.returncode != 0:  # name each failed benchmark's own error, not only the tail
+        errors = ""
+        if (tmp_path / "results.json").is_file():
+            doc = json.loads((tmp_path / "results.json").read_text())
+            errors = "\n".join(f"{b['name']}: {b.get('error', '')}" for b in doc["benchmarks"]
+                               if b["status"] != "ok")
+        pytest.fail(f"run_all exit {res.returncode}\n{errors}\n{res.stderr[-3000:]}")
     doc = json.loads((tmp_path / "results.json").read_text())
     by = {b["name"]: b for b in doc["benchmarks"]}
     assert set(by) == set(names.split(","))
