@@ -24,6 +24,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from .config.schema import keeps_memory
+
 MemoryMode = Literal["carried", "reset"]
 MEMORY_MODES = ("carried", "reset")
 LN2 = math.log(2)
@@ -126,7 +128,7 @@ def memory_passes(run_pass: Callable[[str], EvalResult], modes: Iterable[str], *
     not run twice."""
     results: dict[str, EvalResult] = {}
     for mode in modes:
-        if mode == "reset" and memory_kind == "none" and "carried" in results:
+        if mode == "reset" and not keeps_memory(memory_kind) and "carried" in results:
             results[mode] = dataclasses.replace(results["carried"], memory="reset")
         else:
             results[mode] = run_pass(mode)

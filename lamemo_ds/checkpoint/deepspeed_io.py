@@ -18,11 +18,10 @@ import torch
 from tqdm import tqdm
 
 from ..config.schema import ConfigError, RunConfig
-from .layer_map import LAYER_MAP, logical_state_dict
+from .layer_map import LAYER_MAP, MODEL_STATES, logical_state_dict
 from .manager import DS_TAG, MANIFEST, RUN_CONFIG, CheckpointError, locate, verify
 from .safe_load import UntrustedCheckpointError, check_files, load_pt
 
-MODEL_STATES_02 = "mp_rank_00_model_states.pt"
 MODEL_STATES_3 = "zero_pp_rank_{r}_mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
 
@@ -98,7 +97,7 @@ def read_pipeline(ds: Path, quiet: bool = False) -> tuple[dict, str]:
 def inspect(step: Path) -> dict:
     """Layout of a step folder: zero stage, dp world size, files; all files verified."""
     stage3 = (step / MODEL_STATES_3.format(r=0)).is_file()
-    first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES_02)
+    first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES)
     _check_archive(first)
     states = _load(first)
     world = int(states.get("dp_world_size", 1))

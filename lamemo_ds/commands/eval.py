@@ -158,6 +158,7 @@ def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
 def summarize(results: dict, kind: str, spec, units) -> dict:
     """The JSON fields of a (carried and/or reset) evaluation: the first pass's numbers at top
     level, each pass under its name, the memory gain, and the recall cost when scored."""
+    from ..config.schema import keeps_memory
     from ..evaluation import memory_gain
 
     main = results.get("carried") or results["reset"]
@@ -167,7 +168,7 @@ def summarize(results: dict, kind: str, spec, units) -> dict:
     if len(results) == 2:
         out["reset"] = results["reset"].as_dict(units)
         out.update(memory_gain(results["carried"], results["reset"]))
-        if kind == "none":
+        if not keeps_memory(kind):
             out["memory_gain_note"] = "model.memory=none: carried and reset are the same model"
     if spec is not None:
         out["recall"] = {"bits_per_key_symbol": {k: r.subset_bits for k, r in results.items()},
