@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lamemo_ds.config.deepspeed import deepspeed_config, merge
+from lamemo_ds.config.deepspeed_config import deepspeed_config, merge
 from lamemo_ds.config.derive import World, resolve
 from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError

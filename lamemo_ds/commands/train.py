@@ -74,7 +74,7 @@ def train(config: str | None, overrides: list[str], hooks=None, *, no_resume: bo
     cfg = load_config(config, list(overrides) + fresh)  # unknown keys, bad values fail here
     import torch
 
-    from ..config.deepspeed import deepspeed_config
+    from ..config.deepspeed_config import deepspeed_config
     from ..config.derive import World
     from ..config.errors import EXIT_USER_ERROR
     from ..parallel import dist

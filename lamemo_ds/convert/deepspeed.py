@@ -1,7 +1,7 @@
 """The deepspeed format: `lamemo train` checkpoints, read into one model and written for a layout.
 
 Reading (`read_deepspeed`): a run folder, its checkpoints/ or one step-N/ folder of any ZeRO
-stage or pipeline layout -> the fp32 model (checkpoint/deepspeed_io.py reads and verifies the
+stage or pipeline layout -> the fp32 model (checkpoint/deepspeed_files.py reads and verifies the
 files) with the training config and the tokenizer of its data.
 
 `--to deepspeed`: a model into a `lamemo train` checkpoint for a new layout (ZeRO stage, world
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.deepspeed_io import find_run_config, read_state_dict
+from ..checkpoint.deepspeed_files import find_run_config, read_state_dict
 from ..checkpoint.manager import RUN_CONFIG, CheckpointError
 from ..config.load import dump_config, load_config, to_dict
 from ..config.schema import RunConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import deepspeed_io as dsio
+from ..checkpoint import deepspeed_files as dsio
 from ..checkpoint.layer_map import layer_files, read_layer_map, rename_keys
 from ..checkpoint.manager import MANIFEST, CheckpointError, locate, verify
 from ..checkpoint.safe_load import load_pt

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import deepspeed_io as dsio
+from ..checkpoint import deepspeed_files as dsio
 from ..checkpoint.manager import DS_TAG, MANIFEST, CheckpointError, locate, verify
 from ..checkpoint.safe_load import check_files
 from ..config.schema import ConfigError
