@@ -130,6 +130,7 @@ def _train(cfg, plan, denv, comm, device, hooks, *, overwrite: bool) -> int:
     from ..checkpoint.manager import RUN_CONFIG
     from ..checkpoint.run_folder import require_shared_folder, supersede
     from ..config.load import dump_config
+    from ..fileio import atomic_write
     from ..parallel import dist
     from ..train.signals import EXIT_NONFINITE
     from ..train.trainer import NonFiniteAbort, Trainer
@@ -141,7 +142,7 @@ def _train(cfg, plan, denv, comm, device, hooks, *, overwrite: bool) -> int:
         if moved is not None:
             print(f"lamemo train: --overwrite: the old run in {out} moved to {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(dump_config(cfg))
+        atomic_write(out / RUN_CONFIG, dump_config(cfg).encode())
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
     require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder
