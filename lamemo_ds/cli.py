@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .config.errors import EXIT_USER_ERROR
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("lamemo_ds.commands.model_info",
@@ -60,13 +62,13 @@ def _run(run, args, name: str) -> int:
             return int(run(args) or 0)
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except UntrustedCheckpointError as e:
         print(f"{name}: refused: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
     return _run(args._run, args, f"lamemo {args.command}")
 
 

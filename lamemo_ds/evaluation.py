@@ -1,9 +1,9 @@
 """The one evaluation of the package: training (data-parallel and pipeline) and `lamemo eval`.
 
 `run_eval` is the loop: it walks ordered segments, asks a `SegmentScorer` for the NLL of each
-(a LaMemoLM or DeepSpeed engine: `ModelScorer`; a pipeline: train/pipeline.py), and sums NLL
-and token counts per segment index, so every mean is weighted by tokens. It reports the mean
-token NLL and the NLL by segment index (segment 0 of every stream has no memory), so a reader
+(a LaMemoLM or DeepSpeed engine: `ModelScorer`; a pipeline: train/pipeline_parallel.py), and
+sums NLL and token counts per segment index, so every mean is weighted by tokens. It reports the
+mean token NLL and the NLL by segment index (segment 0 of every stream has no memory), so a reader
 sees what memory buys. `memory="reset"` runs the same model over the same tokens with an empty
 memory before every segment: the difference of the two losses (`memory_gain`) is what the model
 gets from its memory. An optional `target_mask` scores a subset of the targets apart (the recall
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
+
+from .config.schema import keeps_memory
 
 MemoryMode = Literal["carried", "reset"]
 MEMORY_MODES = ("carried", "reset")
@@ -126,7 +128,7 @@ def memory_passes(run_pass: Callable[[str], EvalResult], modes: Iterable[str], *
     not run twice."""
     results: dict[str, EvalResult] = {}
     for mode in modes:
-        if mode == "reset" and memory_kind == "none" and "carried" in results:
+        if mode == "reset" and not keeps_memory(memory_kind) and "carried" in results:
             results[mode] = dataclasses.replace(results["carried"], memory="reset")
         else:
             results[mode] = run_pass(mode)

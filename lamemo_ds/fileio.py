@@ -1,13 +1,17 @@
-"""Small file helpers shared by the data and checkpoint subsystems."""
+"""Small file helpers shared by every folder above: checksums and the one atomic write (of a
+file, and of a folder). Plain files only: nothing here knows a format or a process group."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import secrets
+import shutil
 import socket
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -19,44 +23,63 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def require_shared_folder(comm, folder: str | Path, *, what: str = "train.output_dir",
-                          wait_s: float = 10.0) -> None:
-    """Fail on every rank, before any work, when `folder` is not one folder all ranks share.
+def unique_temp(path: Path) -> Path:
+    """A temp name next to `path` that no other writer (host, process, call) uses."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                          f"{secrets.token_hex(4)}")
 
-    Checkpoints are written by every rank into one folder that rank 0 then verifies and
-    commits, so the run folder must be on a file system every node mounts (NFS, Lustre, GPFS,
-    ...). Rank 0 writes a marker holding a random token; each rank must read that token back
-    (retrying up to `wait_s` for slow metadata propagation). `comm` is a parallel.dist.Comm.
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Replace the file `path` whole or not at all (the one atomic write of the package).
+
+    `data` is the bytes, or a function that writes into the open file (e.g. `torch.save`). It
+    goes to a unique temp file in the same folder, is fsynced, renamed over `path` and the
+    folder fsynced: a reader (or a restart after a kill) sees the old file or the new one.
     """
-    import torch  # only this check needs it
+    path = Path(path)
+    tmp = unique_temp(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
-    if comm.world_size == 1:
-        return
-    token = comm.broadcast_int(secrets.randbits(62) if comm.rank == 0 else 0)
-    marker = Path(folder) / f".lamemo-shared-check-{token}"
-    if comm.rank == 0:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(token))
-    comm.barrier()
-    deadline, seen = time.monotonic() + wait_s, False
-    while not seen:
-        try:
-            seen = marker.read_text() == str(token)
-        except OSError:
-            seen = False
-        if seen or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    missing = torch.zeros(comm.world_size)
-    missing[comm.rank] = float(not seen)
-    missing = comm.all_reduce(missing)
-    if comm.rank == 0:
-        marker.unlink(missing_ok=True)
-    bad = [r for r in range(comm.world_size) if missing[r] > 0]
-    if bad:
-        here = "this rank cannot" if not seen else "this rank can"
-        raise RuntimeError(
-            f"{what}={folder} is not shared by all ranks: rank(s) {bad} cannot see the file "
-            f"rank 0 wrote there ({here}; rank {comm.rank} on host {socket.gethostname()}, "
-            f"pid {os.getpid()}). Checkpoints need one folder that every rank reads and "
-            f"writes: put {what} on a file system all nodes mount (NFS, Lustre, GPFS, ...).")
+
+@contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """The folder counterpart of `atomic_write`: yield a temp folder beside `out`, which
+    replaces `out` only when the block succeeds (a failure leaves nothing behind, and an
+    existing `out` is replaced only after the new one is complete)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

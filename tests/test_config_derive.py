@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lamemo_ds.config.deepspeed import deepspeed_config, merge
+from lamemo_ds.config.deepspeed_config import deepspeed_config, merge
 from lamemo_ds.config.derive import World, resolve
 from lamemo_ds.config.load import load_config
 from lamemo_ds.config.schema import ConfigError
@@ -120,3 +120,15 @@ def test_one_eval_protocol_derivation_for_training_and_lamemo_eval():
     assert eval_plan(m, None, protocol="xl").mem_len == m.mem_len  # xl alone works
     none = cfg("model.memory=none").model
     assert eval_plan(none, None, mem_len=64).mem_len == 0  # no memory whatever it says
+
+
+def test_memory_none_keeps_no_memory_in_every_plan():
+    """One rule (config.schema.memory_len): a 'none' model's evaluation memory is 0 whatever
+    mem_len says; other kinds keep theirs."""
+    from lamemo_ds.config.schema import keeps_memory, memory_len
+
+    assert [keeps_memory(k) for k in ("lamemo", "xl", "none")] == [True, True, False]
+    assert memory_len("none", 64) == 0 and memory_len("xl", 64) == 64
+    for kind, mem in (("none", 0), ("xl", 64)):
+        c = cfg(f"model.memory={kind}", "eval.protocol=xl", "eval.mem_len=64")
+        assert resolve(c, World(1)).eval.mem_len == mem, kind

@@ -14,7 +14,7 @@ import pytest
 import torch
 from train_support import run_ranks
 
-from lamemo_ds.checkpoint.safetensors_io import load_model_folder
+from lamemo_ds.convert.consolidated import load_model_folder
 
 SEG = 16
 MODEL_YAML = """model:

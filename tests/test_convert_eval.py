@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lamemo_ds.checkpoint.safetensors_io import load_model_folder
 from lamemo_ds.config import ModelConfig
+from lamemo_ds.convert.consolidated import load_model_folder
 from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.data.streams import OrderedStreams
 from lamemo_ds.evaluation import evaluate

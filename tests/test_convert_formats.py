@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lamemo_ds.checkpoint.safetensors_io import load_model_folder, load_weights
 from lamemo_ds.config import ModelConfig
+from lamemo_ds.convert.consolidated import load_model_folder, load_weights
 from lamemo_ds.convert.convert import Loaded, write_target
 from lamemo_ds.model import LaMemoLM
 
@@ -123,3 +123,33 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, lamemo):
     assert r.returncode == 1 and "fc1.weight" in r.stderr and "(48, 16)" in r.stderr
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.unit
+def test_one_format_detector_names_every_layout(tmp_path):
+    """detect_format is the rule of inspect, verify, eval and record_eval alike."""
+    from lamemo_ds.convert.registry import detect_format
+
+    model = trained_like(TINY)
+    cons = tmp_path / "cons"
+    write_target("consolidated", Loaded(model=model, source="test"), cons, quiet=True)
+    hf = tmp_path / "hf"
+    write_target("hf", Loaded(model=model, source="test"), hf, quiet=True)
+    ref = tmp_path / "ref"
+    write_target("reference", Loaded(model=model, source="test"), ref, quiet=True)
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (step / "deepspeed").mkdir(parents=True)
+    (step / "config.json").write_text("{}")  # a step folder stays deepspeed whatever it holds
+    assert [detect_format(p) for p in (cons, hf, ref, step, tmp_path / "run",
+                                       ref / "reference.pt")] == \
+        ["consolidated", "hf", "reference", "deepspeed", "deepspeed", "deepspeed"]
+
+
+@pytest.mark.unit
+def test_export_file_modes_and_no_temp_left(tmp_path):
+    """write_target renames its temp folder into place: files world-readable, no temp beside."""
+    out = tmp_path / "out"
+    write_target("consolidated", Loaded(model=trained_like(TINY), source="test"), out,
+                 quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir() if f.is_file())

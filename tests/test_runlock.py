@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lamemo_ds.checkpoint.manager import CheckpointManager, unique_temp
+from lamemo_ds.checkpoint.manager import CheckpointManager
+from lamemo_ds.fileio import unique_temp
 from lamemo_ds.parallel.dist import Comm
 from lamemo_ds.train.metrics import read_losses, truncate_history
 from lamemo_ds.train.runlock import LEASE_FILE, LOCK_FILE, RunFolderLocked, acquire, read_lease

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.distributed
 
 RANK_SCRIPT = """
 import sys, torch.distributed as tdist
-from lamemo_ds.fileio import require_shared_folder
+from lamemo_ds.checkpoint.run_folder import require_shared_folder
 from lamemo_ds.parallel.dist import Comm
 tdist.init_process_group("gloo")
 comm = Comm()

@@ -109,7 +109,7 @@ def test_convert_tool_writes_hf_and_a_pipeline_layout(run, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
 
     from lamemo_ds.checkpoint.layer_map import logical_state_dict
-    from lamemo_ds.checkpoint.safetensors_io import load_model_folder
+    from lamemo_ds.convert.consolidated import load_model_folder
 
     model, _ = load_model_folder(hf)
     got = logical_state_dict(pipe / "checkpoints" / "step-00000004" / "deepspeed")

@@ -245,3 +245,75 @@ def test_slurm_job_id_names_the_array_task():
     assert slurm_job_id({"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
                          "SLURM_ARRAY_TASK_ID": "1"}) == "40_1"
     assert slurm_job_id({}) is None
+
+
+# -- the strategy interface ----------------------------------------------------------------
+class _Engine:
+    def __init__(self, applied: bool):
+        self.applied = applied
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+
+class _Comm:
+    """A rank whose peers report `others_skipped` (Comm.any over every rank)."""
+
+    def __init__(self, others_skipped: bool = False):
+        self.others_skipped = others_skipped
+
+    def any(self, flag: bool) -> bool:
+        return flag or self.others_skipped
+
+
+class _Memory:
+    def __init__(self):
+        self.settled: list[bool] = []
+
+    def settle(self, applied: bool) -> None:
+        self.settled.append(applied)
+
+
+@pytest.mark.parametrize("local,others,applied", [(True, False, True), (False, False, False),
+                                                   (True, True, False)])
+def test_settle_step_agrees_on_every_rank(local, others, applied):
+    """A step skipped on any rank is skipped everywhere and its memory dropped."""
+    from lamemo_ds.train.strategy import settle_step
+
+    mem = _Memory()
+    loss = 2.0 if applied else float("nan")
+    assert settle_step(_Engine(local), _Comm(others), mem, loss=loss, step=4) is applied
+    assert mem.settled == [applied]
+
+
+def test_settle_step_refuses_an_applied_non_finite_loss():
+    from lamemo_ds.train.strategy import settle_step
+
+    mem = _Memory()
+    with pytest.raises(RuntimeError, match="step 5: non-finite loss nan but DeepSpeed applied"):
+        settle_step(_Engine(True), _Comm(), mem, loss=float("nan"), step=4)
+    assert mem.settled == []  # nothing of the corrupt step is kept
+
+
+@pytest.mark.parametrize("name", ["data_parallel.DataParallel",
+                                  "pipeline_parallel.PipelineParallel"])
+def test_each_strategy_has_every_member_of_the_protocol(name):
+    """Both strategies define every method and class attribute `Strategy` declares (instances
+    need an engine; the Protocol's data members are set in __init__)."""
+    import importlib
+    import inspect
+
+    from lamemo_ds.train.strategy import Strategy
+
+    module, cls_name = name.split(".")
+    cls = getattr(importlib.import_module(f"lamemo_ds.train.{module}"), cls_name)
+    methods = [n for n, v in vars(Strategy).items()
+               if inspect.isfunction(v) and not n.startswith("_")]
+    assert methods and all(inspect.isfunction(getattr(cls, n, None)) for n in methods)
+    for n in methods:
+        want = list(inspect.signature(getattr(Strategy, n)).parameters)
+        assert list(inspect.signature(getattr(cls, n)).parameters) == want, (cls_name, n)
+    assert isinstance(cls.layout_change, str)
+    src = inspect.getsource(cls.__init__)
+    assert all(f"self.{a} =" in src or f"self.{a}," in src
+               for a in ("engine", "bundle", "dp_rank", "memory")), cls_name

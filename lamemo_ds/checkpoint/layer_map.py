@@ -24,7 +24,7 @@ import torch
 from .safe_load import load_pt
 
 LAYER_MAP = "layer_map.json"
-DP_MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # a data-parallel checkpoint's module (ZeRO 0-2)
 
 
 def rename_keys(sd: dict, *, local_prefix: str, logical: str) -> dict:
@@ -61,10 +61,10 @@ def logical_state_dict(ds_dir: str | Path) -> dict[str, torch.Tensor]:
     ds_dir = Path(ds_dir)
     record = read_layer_map(ds_dir)
     if record is None:
-        if not (ds_dir / DP_MODEL_STATES).is_file():
-            raise FileNotFoundError(f"{ds_dir}: neither {LAYER_MAP} nor {DP_MODEL_STATES}; not "
+        if not (ds_dir / MODEL_STATES).is_file():
+            raise FileNotFoundError(f"{ds_dir}: neither {LAYER_MAP} nor {MODEL_STATES}; not "
                                     "a lamemo checkpoint")
-        return load_pt(ds_dir / DP_MODEL_STATES)["module"]
+        return load_pt(ds_dir / MODEL_STATES)["module"]
     layers = record["layers"]
     io = [k for k, e in layers.items() if e["kind"] == "io"]
     out: dict[str, torch.Tensor] = {}

@@ -43,7 +43,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,10 +51,11 @@ from typing import Protocol
 
 import torch
 
-from ..fileio import sha256_file
+from ..fileio import atomic_write, fsync_dir, sha256_file
 from .safe_load import UntrustedCheckpointError, check_files, is_trusted, load_pt
 
 DS_TAG = "deepspeed"
+RUN_CONFIG = "config.yaml"  # the resolved training config: in a run, each step-N/, an export
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_DIR = re.compile(r"^step-\d+\.(tmp|old)")
@@ -65,46 +65,16 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or model folder is missing, partial or corrupt; the message names the file."""
+
+
 class Stateful(Protocol):
     """A piece of training state that saves and restores itself (torch's convention)."""
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state_dict: dict) -> None: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unique_temp(path: Path) -> Path:
-    """A temp name next to `path` that no other writer (host, process, call) uses."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
-                          f"{secrets.token_hex(4)}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, os.replace, fsync the folder."""
-    tmp = unique_temp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = unique_temp(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, step: int | None) -> dict:
@@ -116,7 +86,7 @@ def write_manifest(folder: Path, step: int | None) -> dict:
             rel = p.relative_to(folder).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = {"step": step, "created": time.time(), "files": files}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -127,7 +97,7 @@ def update_manifest(folder: Path, names: Iterable[str]) -> None:
     for rel in names:
         p = folder / rel
         manifest["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def verify(folder: Path) -> str | None:
@@ -205,10 +175,6 @@ class Found:
     step: int
     meta: dict
 
-    @property
-    def ds_dir(self) -> Path:
-        return self.path
-
     def rank_file(self, rank: int) -> Path:
         return self.path / "lamemo" / f"rank-{rank:05d}.pt"
 
@@ -255,7 +221,8 @@ class CheckpointManager:
         self.on_phase("begin")
         save_weights(str(tmp), DS_TAG)
         self.on_phase("deepspeed")
-        atomic_torch_save(rank_state, tmp / "lamemo" / f"rank-{self.comm.rank:05d}.pt")
+        atomic_write(tmp / "lamemo" / f"rank-{self.comm.rank:05d}.pt",
+                     lambda f: torch.save(rank_state, f))
         self.on_phase("rank_state")
         self.comm.barrier()
         if self.comm.rank == 0:
@@ -264,8 +231,8 @@ class CheckpointManager:
         return final
 
     def _finish(self, step: int, tmp: Path, final: Path, config_text: str, meta: dict) -> None:
-        atomic_write_bytes(tmp / "config.yaml", config_text.encode())
-        atomic_write_bytes(tmp / "meta.json", json.dumps(dict(meta, step=step), indent=1).encode())
+        atomic_write(tmp / RUN_CONFIG, config_text.encode())
+        atomic_write(tmp / "meta.json", json.dumps(dict(meta, step=step), indent=1).encode())
         write_manifest(tmp, step)
         self.on_phase("manifest")
         old = None
@@ -273,11 +240,11 @@ class CheckpointManager:
             old = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
             os.rename(final, old)
         os.rename(tmp, final)  # fails if a step-N appeared meanwhile: never written into
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.on_phase("renamed")
-        atomic_write_bytes(self.root / "latest", (final.name + "\n").encode())
+        atomic_write(self.root / "latest", (final.name + "\n").encode())
         self.on_phase("latest")
         self._prune()
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from ..config.errors import UserError
 from ..config.load import load_config, to_dict
 from ..config.schema import ConfigError, RunConfig
 from ..fileio import sha256_file
-from .manager import MANIFEST, list_steps, step_dir_name
+from .manager import MANIFEST, RUN_CONFIG, list_steps, step_dir_name
 
 SUPERSEDED = "superseded-"
 # model fields a resume may change: they shape no tensor and no saved state
@@ -75,9 +77,9 @@ def resume_config(run: Path) -> tuple[Path, RunConfig] | None:
         folder = root / step_dir_name(step)
         try:
             files = json.loads((folder / MANIFEST).read_text())["files"]
-            if sha256_file(folder / "config.yaml") != files["config.yaml"]["sha256"]:
+            if sha256_file(folder / RUN_CONFIG) != files[RUN_CONFIG]["sha256"]:
                 continue
-            return folder, load_config(folder / "config.yaml")
+            return folder, load_config(folder / RUN_CONFIG)
         except (OSError, KeyError, ValueError, ConfigError):
             continue
     return None
@@ -119,3 +121,46 @@ def check_resume(cfg: RunConfig, run: Path) -> None:
         raise UserError(
             f"resuming {folder} would change the schedule: {'; '.join(schedule)}. Pass --set "
             "train.allow_schedule_change=true to continue with the new values, or restore them")
+
+
+def require_shared_folder(comm, folder: str | Path, *, what: str = "train.output_dir",
+                          wait_s: float = 10.0) -> None:
+    """Fail on every rank, before any work, when `folder` is not one folder all ranks share.
+
+    Checkpoints are written by every rank into one folder that rank 0 then verifies and
+    commits, so the run folder must be on a file system every node mounts (NFS, Lustre, GPFS,
+    ...). Rank 0 writes a marker holding a random token; each rank must read that token back
+    (retrying up to `wait_s` for slow metadata propagation). `comm` is a parallel.dist.Comm.
+    """
+    import torch  # only this check needs it
+
+    if comm.world_size == 1:
+        return
+    token = comm.broadcast_int(secrets.randbits(62) if comm.rank == 0 else 0)
+    marker = Path(folder) / f".lamemo-shared-check-{token}"
+    if comm.rank == 0:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(token))
+    comm.barrier()
+    deadline, seen = time.monotonic() + wait_s, False
+    while not seen:
+        try:
+            seen = marker.read_text() == str(token)
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    missing = torch.zeros(comm.world_size)
+    missing[comm.rank] = float(not seen)
+    missing = comm.all_reduce(missing)
+    if comm.rank == 0:
+        marker.unlink(missing_ok=True)
+    bad = [r for r in range(comm.world_size) if missing[r] > 0]
+    if bad:
+        here = "this rank cannot" if not seen else "this rank can"
+        raise RuntimeError(
+            f"{what}={folder} is not shared by all ranks: rank(s) {bad} cannot see the file "
+            f"rank 0 wrote there ({here}; rank {comm.rank} on host {socket.gethostname()}, "
+            f"pid {os.getpid()}). Checkpoints need one folder that every rank reads and "
+            f"writes: put {what} on a file system all nodes mount (NFS, Lustre, GPFS, ...).")

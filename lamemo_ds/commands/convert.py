@@ -63,8 +63,8 @@ def _configs(args):
 
 
 def run(args) -> int:
-    from ..checkpoint.safetensors_io import CheckpointError, check_output, parse_dtype, parse_size
-    from ..convert.convert import read_source, write_target
+    from ..checkpoint.manager import CheckpointError
+    from ..convert.convert import check_output, parse_dtype, parse_size, read_source, write_target
 
     try:
         check_output(args.output, force=args.force)

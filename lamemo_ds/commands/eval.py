@@ -115,20 +115,21 @@ def load_model(path: str, fmt: str, *, verify: bool = True):
     import torch
 
     from ..config.load import load_config
-    from ..convert.convert import RUN_CONFIG_NAME, read_source
+    from ..convert.convert import RUN_CONFIG, read_source
+    from ..convert.registry import detect_format
 
     folder = Path(path)
     if fmt == "auto":
-        fmt = "consolidated" if (folder / "config.json").is_file() else "deepspeed"
+        fmt = "deepspeed" if detect_format(folder) == "deepspeed" else "consolidated"
     if fmt == "deepspeed":
         # DeepSpeed's consolidation prints progress on stdout, which holds only the JSON result
         with contextlib.redirect_stdout(sys.stderr):
             loaded = read_source("deepspeed", folder, quiet=True, verify=verify)
         return loaded.model.float().eval(), loaded.run_config
-    from ..checkpoint.safetensors_io import load_model_folder
+    from ..convert.consolidated import load_model_folder
 
     model, _ = load_model_folder(folder, dtype=torch.float32, verify=verify)
-    run_cfg_path = folder / RUN_CONFIG_NAME
+    run_cfg_path = folder / RUN_CONFIG
     return model, load_config(run_cfg_path) if run_cfg_path.is_file() else None
 
 
@@ -157,6 +158,7 @@ def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
 def summarize(results: dict, kind: str, spec, units) -> dict:
     """The JSON fields of a (carried and/or reset) evaluation: the first pass's numbers at top
     level, each pass under its name, the memory gain, and the recall cost when scored."""
+    from ..config.schema import keeps_memory
     from ..evaluation import memory_gain
 
     main = results.get("carried") or results["reset"]
@@ -166,7 +168,7 @@ def summarize(results: dict, kind: str, spec, units) -> dict:
     if len(results) == 2:
         out["reset"] = results["reset"].as_dict(units)
         out.update(memory_gain(results["carried"], results["reset"]))
-        if kind == "none":
+        if not keeps_memory(kind):
             out["memory_gain_note"] = "model.memory=none: carried and reset are the same model"
     if spec is not None:
         out["recall"] = {"bits_per_key_symbol": {k: r.subset_bits for k, r in results.items()},
@@ -211,6 +213,7 @@ def _check_args(args) -> list[int | None]:
     """The flags alone, before anything is read (UserError: exit 2); returns the memory
     lengths to evaluate (--mem-len)."""
     from ..config.errors import UserError
+    from ..convert.registry import detect_format
 
     try:
         lengths = mem_lengths(args.mem_len)
@@ -218,7 +221,7 @@ def _check_args(args) -> list[int | None]:
         raise UserError(str(e)) from None
     if args.record and len(lengths) > 1:
         raise UserError("--record stores one result; give one --mem-len (or drop --record)")
-    if args.record and not (Path(args.model) / "config.json").is_file():
+    if args.record and detect_format(Path(args.model)) == "deepspeed":
         raise UserError(f"--record stores the result in a `lamemo convert` folder; {args.model} "
                         "is not one (convert it first, or drop --record)")
     if args.record and args.max_segments:
@@ -268,7 +271,7 @@ def _evaluate_one(args, model, run_config, mem_len, scorer, units, device) -> di
 def run(args) -> int:
     import torch
 
-    from ..checkpoint.safetensors_io import CheckpointError
+    from ..checkpoint.manager import CheckpointError
     from ..convert.convert import record_eval
     from ..data.contract import data_folder
     from ..data.recall import recall_scorer

@@ -145,7 +145,7 @@ def _tokenizer(args, model, run_config):
 def run(args) -> int:
     import torch
 
-    from ..checkpoint.safetensors_io import CheckpointError
+    from ..checkpoint.manager import CheckpointError
     from .eval import load_model
 
     check_ranges(args)

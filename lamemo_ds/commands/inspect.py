@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint.safetensors_io import CheckpointError
+    from ..checkpoint.manager import CheckpointError
     from ..convert.inspect import describe, inspect_path
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config.errors import EXIT_USER_ERROR
+
 
 def _size(text: str) -> int:
     """'64M', '512K', '1G' or a plain byte count."""
@@ -71,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
         return _verify(args.verify)
     if not args.out:
         print("lamemo prepare: give --out DIR (or --verify DIR)", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     _check_ranges(args)
     problem = _check_tokenizer(args)
     if problem:
         print(f"lamemo prepare: error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     sizes_text = args.split_sizes or (",".join(map(str, DEFAULT_SIZES))
                                       if args.corpus == "recall" else "90000000,5000000,5000000")
     try:
@@ -86,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     if len(sizes) != 3:
         print(f"lamemo prepare: --split-sizes wants 3 numbers, got {sizes_text!r}",
               file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     try:
         recall = _recall_spec(args) if args.corpus == "recall" else None
     except CorpusError as e:
         print(f"lamemo prepare: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     o = PrepareOptions(
         corpus=args.corpus, input=args.input, tokenizer=args.tokenizer,
         tokenizer_file=args.tokenizer_file, eos_token=args.eos_token,
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
     except (CorpusError, PrepareError) as e:  # the input or the options: a user error
         print(f"lamemo prepare: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except ShardError as e:  # an earlier output is damaged
         print(f"lamemo prepare: error: {e}", file=sys.stderr)
         return 1

@@ -74,10 +74,10 @@ def train(config: str | None, overrides: list[str], hooks=None, *, no_resume: bo
     cfg = load_config(config, list(overrides) + fresh)  # unknown keys, bad values fail here
     import torch
 
-    from ..config.deepspeed import deepspeed_config
+    from ..config.deepspeed_config import deepspeed_config
     from ..config.derive import World
+    from ..config.errors import EXIT_USER_ERROR
     from ..parallel import dist
-    from ..train.signals import EXIT_CONFIG
 
     denv = dist.discover()
     dist.die_with_launcher(LAUNCHER_PID, denv.launcher)
@@ -93,7 +93,7 @@ def train(config: str | None, overrides: list[str], hooks=None, *, no_resume: bo
     lock = _lock_run_folder(comm, cfg.train.output_dir, dist.slurm_job_id())
     if lock is False:
         torch.distributed.destroy_process_group()
-        return EXIT_CONFIG
+        return EXIT_USER_ERROR
     try:
         return _train(cfg, plan, denv, comm, device, hooks, overwrite=overwrite)
     finally:
@@ -127,9 +127,10 @@ def _train(cfg, plan, denv, comm, device, hooks, *, overwrite: bool) -> int:
     """The run itself, under the run lock."""
     import torch
 
-    from ..checkpoint.run_folder import supersede
+    from ..checkpoint.manager import RUN_CONFIG
+    from ..checkpoint.run_folder import require_shared_folder, supersede
     from ..config.load import dump_config
-    from ..fileio import require_shared_folder
+    from ..fileio import atomic_write
     from ..parallel import dist
     from ..train.signals import EXIT_NONFINITE
     from ..train.trainer import NonFiniteAbort, Trainer
@@ -141,7 +142,7 @@ def _train(cfg, plan, denv, comm, device, hooks, *, overwrite: bool) -> int:
         if moved is not None:
             print(f"lamemo train: --overwrite: the old run in {out} moved to {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        atomic_write(out / RUN_CONFIG, dump_config(cfg).encode())
         print(f"lamemo train: {denv.world_size} process(es) via {denv.launcher}, "
               f"output {out}", flush=True)
     require_shared_folder(comm, cfg.train.output_dir)  # checkpoints need one shared folder

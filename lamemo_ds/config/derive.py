@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .schema import ConfigError, EvalConfig, ModelConfig, RunConfig
+from .schema import ConfigError, EvalConfig, ModelConfig, RunConfig, memory_len
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def eval_plan(model: ModelConfig, ev: EvalConfig | None, *, protocol: str | None
         stored = getattr(base, name) if xl else None
         return getattr(model, name) if stored is None else stored
 
-    mem = 0 if model.memory == "none" else pick("mem_len")
+    mem = memory_len(model.memory, pick("mem_len"))
     size = batch_size if batch_size is not None else (ev.batch_size if ev else 8)
     return EvalPlan(protocol, pick("segment_len"), mem, pick("clamp_len"),
                     pick("same_length"), size)
@@ -136,7 +136,7 @@ def resolve(cfg: RunConfig, world: World) -> Plan:
         raise ConfigError("train.precision: fp16 needs a GPU (CPU kernels lack half precision "
                           "support); use bf16 or fp32 on CPU")
     ev = _eval_plan(cfg)
-    if cfg.model.memory != "none" and ev.mem_len < 0:
+    if ev.mem_len < 0:  # 0 already for memory none (memory_len)
         raise ConfigError(f"eval.mem_len must be >= 0, got {ev.mem_len}")
     return Plan(world_size=world.world_size, dp_size=dp, pp_size=p.pipeline_stages,
                 micro_batch=t.micro_batch_size, grad_accum=t.grad_accum,

@@ -6,6 +6,8 @@ message names the bad value and the fix. It is raised before anything is written
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2  # the exit code of a config error, a UserError or a refused checkpoint
+
 
 class UserError(ValueError):
     """A path, flag or combination of inputs the command cannot use; the message says why and

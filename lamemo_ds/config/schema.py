@@ -17,6 +17,17 @@ AttentionImpl = Literal["eager", "triton", "auto"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+def keeps_memory(memory: str) -> bool:
+    """Whether a model of kind `memory` carries a memory between segments: 'none' never does,
+    whatever a mem_len says (the one place of that rule; `memory_len` gives the length)."""
+    return memory != "none"
+
+
+def memory_len(memory: str, mem_len: int) -> int:
+    """The memory length a model of kind `memory` really keeps: `mem_len`, or 0 for 'none'."""
+    return mem_len if keeps_memory(memory) else 0
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the dotted path and the fix."""
 

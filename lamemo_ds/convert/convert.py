@@ -14,29 +14,75 @@ nothing behind; readers check every tensor against the config and name the bad f
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import safetensors_io as sio
-from ..checkpoint.manager import MANIFEST, update_manifest, write_manifest
-from ..checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.manager import (
+    MANIFEST,
+    RUN_CONFIG,
+    CheckpointError,
+    update_manifest,
+    write_manifest,
+)
 from ..config.load import dump_config, to_dict
-from ..config.schema import ModelConfig, RunConfig
+from ..config.schema import ConfigError, ModelConfig, RunConfig
 from ..data.hf_tokenizer import write_hf_tokenizer
 from ..data.tokenizer import load_tokenizer
-from .loaded import EVAL_NAME, RUN_CONFIG_NAME, Loaded
+from ..fileio import atomic_folder, atomic_write
+from .loaded import EVAL_NAME, Loaded
 from .loaded import read_extras as _read_extras
-from .registry import FORMATS_IN, FORMATS_OUT, get_format
+from .registry import FORMATS_IN, FORMATS_OUT, detect_format, get_format
 
-__all__ = ["EVAL_NAME", "FORMATS_IN", "FORMATS_OUT", "RUN_CONFIG_NAME", "Loaded", "model_card",
-           "read_source", "record_eval", "write_target"]
+__all__ = ["DTYPES", "EVAL_NAME", "FORMATS_IN", "FORMATS_OUT", "RUN_CONFIG", "Loaded", "model_card",
+           "check_output", "parse_dtype", "parse_size", "read_source", "record_eval",
+           "write_target"]
 
 
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, flush=True)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '10KB' or a byte count -> bytes (0 or less: never shard)."""
+    t = str(text).strip().upper()
+    try:
+        for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * mult)
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MB, "
+                          "10KB or a byte count") from None
+
+
+def check_output(out: str | Path, *, force: bool = False) -> None:
+    """Refuse to overwrite a non-empty output unless forced (checked before any work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"output {out} already exists and is not empty (pass --force to "
+                              "replace it)")
+
+
+
+def human_bytes(n: float) -> str:
+    if n <= 0:
+        return "0 B"
+    k = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**k:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][k]}"
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -104,8 +150,8 @@ def _write_extras(loaded: Loaded, out: Path, *, fmt: str, dtype: torch.dtype) ->
     if fmt == "hf" and loaded.tokenizer_files:  # the same tokenizer for AutoTokenizer
         written += write_hf_tokenizer(load_tokenizer(out), out)
     if loaded.run_config is not None:
-        (out / RUN_CONFIG_NAME).write_text(dump_config(loaded.run_config))
-        written.append(RUN_CONFIG_NAME)
+        (out / RUN_CONFIG).write_text(dump_config(loaded.run_config))
+        written.append(RUN_CONFIG)
     if loaded.eval_results is not None:
         (out / EVAL_NAME).write_text(json.dumps(loaded.eval_results, indent=2) + "\n")
         written.append(EVAL_NAME)
@@ -120,7 +166,8 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
     fmt = get_format(kind, write=True)
     dtype = dtype or next(loaded.model.parameters()).dtype
     out = Path(out)
-    with sio.atomic_output(out, force=force) as tmp:
+    check_output(out, force=force)
+    with atomic_folder(out) as tmp:
         files = fmt.writer(loaded, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, final=out,
                            quiet=quiet, options=deepspeed_options)
         if fmt.card:
@@ -129,8 +176,11 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
             write_manifest(tmp, None)
             files.append(MANIFEST)
         sizes = {f: (tmp / f).stat().st_size for f in files if (tmp / f).is_file()}
+        for f in tmp.iterdir():  # safetensors writes 0600; exports are meant to be shared
+            if f.is_file():
+                f.chmod(0o644)
     for f in files:
-        size = sio.human_bytes(sizes[f]) if f in sizes else ""
+        size = human_bytes(sizes[f]) if f in sizes else ""
         _say(f"wrote {out / f} {size}", quiet)
     return files
 
@@ -138,8 +188,6 @@ def write_target(kind: str, loaded: Loaded, out: str | Path, *, dtype: torch.dty
 def record_eval(folder: Path, model: torch.nn.Module, result: dict) -> None:
     """Store an eval result in a model folder (eval.json, keyed split/protocol) and refresh the
     README card, each file replaced atomically."""
-    import os
-
     path = folder / EVAL_NAME
     evals = json.loads(path.read_text()) if path.is_file() else {}
     evals[f"{result['split']}/{result['protocol']}"] = {
@@ -150,12 +198,10 @@ def record_eval(folder: Path, model: torch.nn.Module, result: dict) -> None:
     run_cfg, toks, _ = _read_extras(folder)
     loaded = Loaded(model=model, source=str(folder), run_config=run_cfg, tokenizer_files=toks,
                     eval_results=evals)
-    fmt = "hf" if (folder / "modeling_lamemo.py").is_file() else "consolidated"
+    fmt = detect_format(folder)
     dtype = next(model.parameters()).dtype
     for name, text in ((EVAL_NAME, json.dumps(evals, indent=2) + "\n"),
                        ("README.md", model_card(loaded, fmt=fmt, dtype=dtype))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+        atomic_write(folder / name, text.encode())
     if (folder / MANIFEST).is_file():
         update_manifest(folder, [EVAL_NAME, "README.md"])

@@ -1,7 +1,7 @@
 """The deepspeed format: `lamemo train` checkpoints, read into one model and written for a layout.
 
 Reading (`read_deepspeed`): a run folder, its checkpoints/ or one step-N/ folder of any ZeRO
-stage or pipeline layout -> the fp32 model (checkpoint/deepspeed_io.py reads and verifies the
+stage or pipeline layout -> the fp32 model (checkpoint/deepspeed_files.py reads and verifies the
 files) with the training config and the tokenizer of its data.
 
 `--to deepspeed`: a model into a `lamemo train` checkpoint for a new layout (ZeRO stage, world
@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.deepspeed_io import find_run_config, read_state_dict
-from ..checkpoint.safetensors_io import CheckpointError, build_model, tied_aliases
+from ..checkpoint.deepspeed_files import find_run_config, read_state_dict
+from ..checkpoint.manager import RUN_CONFIG, CheckpointError
 from ..config.load import dump_config, load_config, to_dict
 from ..config.schema import RunConfig
 from ..data.tokenizer import tokenizer_files
+from ..export.tied import tied_aliases
+from .consolidated import build_model
 from .loaded import Loaded
 
 SOURCE = ".source"
@@ -91,7 +93,7 @@ def write_deepspeed(loaded, tmp: Path, *, final: Path, quiet: bool = False,
     world = world_size or cfg.parallel.pipeline_stages
     (tmp / SOURCE).mkdir()
     write_consolidated(loaded, tmp / SOURCE, dtype=torch.float32, max_shard_bytes=0)
-    (tmp / "config.yaml").write_text(dump_config(cfg))
+    (tmp / RUN_CONFIG).write_text(dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={world}", "-m", "lamemo_ds.convert.deepspeed",
            str(tmp), str(step)]
@@ -114,7 +116,6 @@ def _rank_main(out: Path, step: int) -> None:
     strategy of the new layout around the loaded weights, the streams and the training state at
     `step` (fresh memory, the schedule at `step`), and the checkpoint manager saves them."""
     from ..checkpoint.manager import CheckpointManager
-    from ..checkpoint.safetensors_io import load_model_folder
     from ..config.derive import World, resolve
     from ..parallel import dist
     from ..train.state import RNG, Progress, rank_seed
@@ -125,8 +126,9 @@ def _rank_main(out: Path, step: int) -> None:
         checkpoint_meta,
         training_state,
     )
+    from .consolidated import load_model_folder
 
-    cfg = load_config(out / "config.yaml")
+    cfg = load_config(out / RUN_CONFIG)
     denv = dist.discover()
     plan = resolve(cfg, World(world_size=denv.world_size, cuda=torch.cuda.is_available()))
     dist.init_distributed(denv, backend=plan.backend)

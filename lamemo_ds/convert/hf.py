@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.safetensors_io import CONFIG_NAME, save_weights, unique_state_dict
+from .consolidated import CONFIG_NAME, save_weights, unique_state_dict
 
 MODELING_NAME = "modeling_lamemo.py"
 CONFIGURATION_NAME = "configuration_lamemo.py"
@@ -37,6 +37,7 @@ MODEL_SOURCES = [
     ("model", "layers.py"),
     ("model", "lm.py"),
     ("model", "decode.py"),
+    ("export", "tied.py"),
 ]
 
 _RELATIVE_IMPORT = re.compile(r"^\s*from \.+[\w.]* import .*$")

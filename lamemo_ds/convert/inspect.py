@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import deepspeed_io as dsio
-from ..checkpoint import safetensors_io as sio
+from ..checkpoint import deepspeed_files as dsio
 from ..checkpoint.layer_map import layer_files, read_layer_map, rename_keys
-from ..checkpoint.manager import MANIFEST, is_step_folder, locate, verify
+from ..checkpoint.manager import MANIFEST, CheckpointError, locate, verify
 from ..checkpoint.safe_load import load_pt
+from . import consolidated
 from .loaded import EVAL_NAME
 from .reference import REFERENCE_NAME
+from .registry import detect_format
 
 
 def _tensor(t) -> dict:
@@ -91,7 +92,7 @@ def inspect_step(step: Path, *, check: bool = True) -> dict:
             layout["zero_stage"] = meta.get("zero_stage")
         else:
             layout, tensors = _data_parallel(ds)
-    except (sio.CheckpointError, OSError, RuntimeError) as e:  # report what can be read
+    except (CheckpointError, OSError, RuntimeError) as e:  # report what can be read
         layout = {"zero_stage": meta.get("zero_stage"), "world_size": meta.get("world_size"),
                   "error": str(e)}
         tensors = {}
@@ -116,14 +117,14 @@ def inspect_folder(path: Path) -> dict:
     """A consolidated, hf or reference folder (tensor shapes from the file headers)."""
     from safetensors import safe_open
 
-    if (path / REFERENCE_NAME).is_file() and not (path / sio.WEIGHTS_NAME).is_file():
+    fmt = detect_format(path)
+    if fmt == "reference":
         sd = load_pt(path / REFERENCE_NAME)
         tensors = {k: _tensor(v) for k, v in sd.items()}
-        fmt = "reference"
     else:
-        index = path / sio.INDEX_NAME
+        index = path / consolidated.INDEX_NAME
         names = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                 if index.is_file() else [sio.WEIGHTS_NAME])
+                 if index.is_file() else [consolidated.WEIGHTS_NAME])
         tensors = {}
         for name in names:
             if not (path / name).is_file():
@@ -133,8 +134,7 @@ def inspect_folder(path: Path) -> dict:
                 for k in f.keys():
                     sl = f.get_slice(k)
                     tensors[k] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
-        fmt = "hf" if (path / "modeling_lamemo.py").is_file() else "consolidated"
-    cfg, data = sio.read_model_config(path)
+    cfg, data = consolidated.read_model_config(path)
     evals = json.loads((path / EVAL_NAME).read_text()) if (path / EVAL_NAME).is_file() else None
     return {"format": fmt, "path": str(path), "step": None, "meta": {},
             "layout": {"files": sorted(p.name for p in path.iterdir() if p.is_file())},
@@ -146,7 +146,7 @@ def inspect_folder(path: Path) -> dict:
 def inspect_path(path: str | Path, *, check: bool = True, log=lambda msg: None) -> dict:
     """Inspect whatever `path` is (see the module docstring)."""
     path = Path(path)
-    if path.is_dir() and (path / sio.CONFIG_NAME).is_file() and not is_step_folder(path):
+    if detect_format(path) != "deepspeed":
         return inspect_folder(path)
     step = locate(path, log)
     out = inspect_step(step, check=check and step == path)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.manager import RUN_CONFIG
 from ..config.schema import RunConfig
 from ..data.tokenizer import tokenizer_files
 
-RUN_CONFIG_NAME = "training_config.yaml"
 EVAL_NAME = "eval.json"
 
 
@@ -34,8 +34,8 @@ def read_extras(folder: Path) -> tuple[RunConfig | None, dict[str, Path], dict |
     from ..config.load import load_config
 
     run_cfg = None
-    if (folder / RUN_CONFIG_NAME).is_file():
-        run_cfg = load_config(folder / RUN_CONFIG_NAME)
+    if (folder / RUN_CONFIG).is_file():
+        run_cfg = load_config(folder / RUN_CONFIG)
     evals = None
     if (folder / EVAL_NAME).is_file():
         evals = json.loads((folder / EVAL_NAME).read_text())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import safetensors_io as sio
+from ..checkpoint.manager import CheckpointError
 from ..checkpoint.safe_load import UntrustedCheckpointError, load_pt
-from ..checkpoint.safetensors_io import CheckpointError
 from ..config.schema import ConfigError, ModelConfig
 from ..model import LaMemoLM
+from . import consolidated
 from .keymap import GLOBAL_TABLE, IGNORED_REFERENCE, LAYER_TABLE, expand
 from .loaded import Loaded, read_extras
 
@@ -108,7 +108,7 @@ def read_reference(path: Path, model_config: ModelConfig | None) -> Loaded:
         if not path.is_dir():
             raise ConfigError(f"{path}: a bare reference state dict does not say its shape; pass "
                               "--config/--preset/--set model.* to describe the model")
-        model_config, _ = sio.read_model_config(path)
+        model_config, _ = consolidated.read_model_config(path)
     try:
         sd = load_pt(file)
     except UntrustedCheckpointError:
@@ -130,5 +130,5 @@ def write_reference(loaded: Loaded, out: Path, *, dtype: torch.dtype) -> list[st
     sd = {k: v.to(dtype) if v.is_floating_point() else v
           for k, v in to_reference(loaded.model).items()}
     torch.save(sd, out / REFERENCE_NAME)
-    sio.write_config(out, loaded.model.config)
-    return [REFERENCE_NAME, sio.CONFIG_NAME]
+    consolidated.write_config(out, loaded.model.config)
+    return [REFERENCE_NAME, consolidated.CONFIG_NAME]

@@ -86,6 +86,25 @@ FORMATS_IN = tuple(name for name, f in FORMATS.items() if f.reader is not None)
 FORMATS_OUT = tuple(name for name, f in FORMATS.items() if f.writer is not None)
 
 
+def detect_format(path: Path) -> str:
+    """The format of the existing `path`, the one rule of every command that reads "any"
+    input: a folder with our config.json (and not a step-N/ folder) is an export, "hf" with the
+    transformers code, "reference" with reference.pt and no safetensors weights, else
+    "consolidated"; anything else (a run folder, its checkpoints/, a step-N/) is "deepspeed"."""
+    from ..checkpoint.manager import is_step_folder
+    from .consolidated import CONFIG_NAME, WEIGHTS_NAME
+    from .hf import MODELING_NAME
+    from .reference import REFERENCE_NAME
+
+    if not path.is_dir() or not (path / CONFIG_NAME).is_file() or is_step_folder(path):
+        return "deepspeed"
+    if (path / MODELING_NAME).is_file():
+        return "hf"
+    if (path / REFERENCE_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
+        return "reference"
+    return "consolidated"
+
+
 def get_format(name: str, *, write: bool) -> Format:
     """The format `name`, which must have a writer (`write`) or a reader."""
     names = FORMATS_OUT if write else FORMATS_IN

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import deepspeed_io as dsio
-from ..checkpoint import safetensors_io as sio
-from ..checkpoint.manager import DS_TAG, MANIFEST, is_step_folder, locate, verify
+from ..checkpoint import deepspeed_files as dsio
+from ..checkpoint.manager import DS_TAG, MANIFEST, CheckpointError, locate, verify
 from ..checkpoint.safe_load import check_files
 from ..config.schema import ConfigError
+from . import consolidated
+from .registry import detect_format
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _attempt(checks: list[Check], name: str, fn) -> object | None:
     """Run fn(); on an error record a failed check named `name` and return None."""
     try:
         return fn()
-    except (sio.CheckpointError, ConfigError, FileNotFoundError, KeyError, OSError,
+    except (CheckpointError, ConfigError, FileNotFoundError, KeyError, OSError,
             RuntimeError, ValueError) as e:
         checks.append(Check(name, False, str(e)))
         return None
@@ -98,7 +99,7 @@ def _manifest_check(folder: Path) -> Check:
 
 
 def _verify_folder(path: Path) -> list[Check]:
-    from .reference import REFERENCE_NAME, read_reference
+    from .reference import read_reference
 
     checks: list[Check] = []
     if (path / MANIFEST).is_file():
@@ -106,16 +107,16 @@ def _verify_folder(path: Path) -> list[Check]:
     else:
         checks.append(Check("manifest", True, "none (written by hand or by an older lamemo): "
                             "sizes and checksums not checked"))
-    cfg = _attempt(checks, "config.json", lambda: sio.read_model_config(path)[0])
+    cfg = _attempt(checks, "config.json", lambda: consolidated.read_model_config(path)[0])
     if cfg is None:
         return checks
     checks.append(Check("config.json", True, f"model.memory={cfg.memory}, {cfg.n_layer} layers"))
-    if (path / REFERENCE_NAME).is_file() and not (path / sio.WEIGHTS_NAME).is_file():
+    if detect_format(path) == "reference":
         loaded = _attempt(checks, "weights", lambda: read_reference(path, cfg))
         model = None if loaded is None else loaded.model
     else:
         model = _attempt(checks, "weights",
-                         lambda: sio.load_model_folder(path, verify=False)[0])
+                         lambda: consolidated.load_model_folder(path, verify=False)[0])
     if model is None:
         return checks
     checks.append(Check("weights", True, f"{model.num_parameters():,} parameters, shapes as "
@@ -137,7 +138,7 @@ def verify_path(path: str | Path, log=lambda msg: None) -> list[Check]:
     path = Path(path)
     if not path.exists():
         return [Check("located", False, f"{path} does not exist")]
-    if path.is_dir() and (path / sio.CONFIG_NAME).is_file() and not is_step_folder(path):
+    if detect_format(path) != "deepspeed":
         return _verify_folder(path)
     checks: list[Check] = []
     skipped: list[str] = []

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 TOKENIZER_FILE = "lamemo_tokenizer.json"
 LEGACY_FILE = "tokenizer.json"  # our description's name before HF exports needed it
 BPE_FILE = "tokenizer-bpe.json"
@@ -243,9 +245,9 @@ def save_tokenizer(tok: Tokenizer, data_dir: str | Path) -> str:
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     if isinstance(tok, BpeTokenizer):
-        _atomic_write(d / tok.file, tok.tok.to_str().encode())
+        atomic_write(d / tok.file, tok.tok.to_str().encode())
     body = json.dumps(tok.spec(), ensure_ascii=False, sort_keys=True).encode()
-    _atomic_write(d / TOKENIZER_FILE, body)
+    atomic_write(d / TOKENIZER_FILE, body)
     return tokenizer_id(d)
 
 
@@ -312,9 +314,3 @@ def tokenizer_from_spec(spec: dict, data_dir: str | Path | None = None) -> Token
     tok = HfTokenizer.from_file(str(Path(data_dir) / spec["file"]))
     return BpeTokenizer(tok, kind=spec["kind"], eos_token=spec.get("eos_token", EOS),
                         source=spec.get("source"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -26,6 +26,7 @@ from ..model.lm import LaMemoLM
 from ..model.memory import MemoryState
 from ..model.positional import SinusoidTable
 from .configuration_lamemo import LaMemoConfig
+from .tied import tied_aliases
 
 # --- end lamemo_ds imports ---
 
@@ -58,17 +59,6 @@ class LaMemoCache:
         return self.stepper.seen
 
 
-def _tied(model: torch.nn.Module) -> dict[str, str]:
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
-
-
 class LaMemoForCausalLM(PreTrainedModel, GenerationMixin):
     """A LaMemoLM (`self.lamemo`) behind the transformers loading and generation API; eager
     attention."""
@@ -85,7 +75,8 @@ class LaMemoForCausalLM(PreTrainedModel, GenerationMixin):
         fields["attention_impl"] = "eager"
         self.lamemo = LaMemoLM(ModelConfig(**fields))
         prefix = config.weights_prefix
-        self._tied_weights_keys = {prefix + a: prefix + s for a, s in _tied(self.lamemo).items()}
+        self._tied_weights_keys = {prefix + a: prefix + s
+                                   for a, s in tied_aliases(self.lamemo).items()}
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

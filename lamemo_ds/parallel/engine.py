@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config.deepspeed import deepspeed_config
+from ..config.deepspeed_config import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import OptimConfig, RunConfig
 from .schedule import build_scheduler

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ..checkpoint.layer_map import rename_keys
-from ..config.deepspeed import deepspeed_config
+from ..config.deepspeed_config import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import RunConfig
 from ..model import LaMemoLM

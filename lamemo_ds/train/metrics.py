@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.manager import atomic_write_bytes
 from ..evaluation import Units
+from ..fileio import atomic_write
 
 # dense bf16 TFLOP/s of one device, for MFU when logging.peak_tflops is not given
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -62,7 +62,7 @@ def truncate_history(path: str | Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+        atomic_write(path, "".join(f"{line}\n" for line in kept).encode())
     return dropped
 
 

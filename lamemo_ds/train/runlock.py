@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint.manager import atomic_write_bytes
+from ..fileio import atomic_write
 
 LOCK_FILE = ".lock"
 LEASE_FILE = ".lease.json"
@@ -114,7 +114,7 @@ class RunLock:
 
     def _write_lease(self) -> None:
         self.lease["heartbeat"] = time.time()
-        atomic_write_bytes(self.run_dir / LEASE_FILE, json.dumps(self.lease).encode())
+        atomic_write(self.run_dir / LEASE_FILE, json.dumps(self.lease).encode())
 
     def _ours(self) -> bool:
         """False once another run's lease is there (a missing lease is written again)."""

@@ -7,7 +7,8 @@ Exit codes of `lamemo train` (documented for sbatch scripts and wrappers):
       command again to resume;
   3   aborted: too many consecutive non-finite steps (no checkpoint of the bad state is written);
   2   configuration error (before any process group starts), or the run folder is held by
-      another live run (train/runlock.py; nothing is written then).
+      another live run (train/runlock.py; nothing is written then): config/errors.py
+      EXIT_USER_ERROR, as for every command.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import subprocess
 from types import FrameType
 
 EXIT_OK = 0
-EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -89,7 +89,7 @@ class Progress:
     def load_state_dict(self, d: dict) -> None:
         for k in self.FIELDS:
             setattr(self, k, int(d[k]))
-        self.train_seconds = float(d.get("train_seconds", 0.0))
+        self.train_seconds = float(d["train_seconds"])
 
 
 class LRSchedule:

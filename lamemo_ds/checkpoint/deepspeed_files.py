@@ -18,15 +18,12 @@ import torch
 from tqdm import tqdm
 
 from ..config.schema import ConfigError, RunConfig
-from .layer_map import LAYER_MAP, logical_state_dict
-from .manager import DS_TAG, MANIFEST, locate, verify
+from .layer_map import LAYER_MAP, MODEL_STATES, logical_state_dict
+from .manager import DS_TAG, MANIFEST, RUN_CONFIG, CheckpointError, locate, verify
 from .safe_load import UntrustedCheckpointError, check_files, load_pt
-from .safetensors_io import CheckpointError
 
-MODEL_STATES_02 = "mp_rank_00_model_states.pt"
 MODEL_STATES_3 = "zero_pp_rank_{r}_mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-RUN_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "training_config.yaml")
 
 
 def ds_folder(step: Path) -> Path:
@@ -100,7 +97,7 @@ def read_pipeline(ds: Path, quiet: bool = False) -> tuple[dict, str]:
 def inspect(step: Path) -> dict:
     """Layout of a step folder: zero stage, dp world size, files; all files verified."""
     stage3 = (step / MODEL_STATES_3.format(r=0)).is_file()
-    first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES_02)
+    first = step / (MODEL_STATES_3.format(r=0) if stage3 else MODEL_STATES)
     _check_archive(first)
     states = _load(first)
     world = int(states.get("dp_world_size", 1))
@@ -137,18 +134,17 @@ def consolidated_state_dict(step: Path, info: dict, quiet: bool = False) -> dict
 
 
 def find_run_config(step: Path, given: RunConfig | None = None) -> RunConfig:
-    """The training config of a checkpoint: `given`, else the first of RUN_CONFIG_NAMES in the
-    step folder or up to two folders above it."""
+    """The training config of a checkpoint: `given`, else the first RUN_CONFIG in the step
+    folder or up to two folders above it."""
     from ..config.load import load_config
 
     if given is not None:
         return given
     for folder in (step, step.parent, step.parent.parent):
-        for name in RUN_CONFIG_NAMES:
-            if (folder / name).is_file():
-                return load_config(folder / name)
+        if (folder / RUN_CONFIG).is_file():
+            return load_config(folder / RUN_CONFIG)
     raise ConfigError(f"no training config found beside {step} (looked for "
-                      f"{', '.join(RUN_CONFIG_NAMES)} in it and two folders up); pass --config")
+                      f"{RUN_CONFIG} in it and two folders up); pass --config")
 
 
 def read_state_dict(path: str | Path, quiet: bool = False, *,

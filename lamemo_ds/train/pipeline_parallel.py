@@ -2,7 +2,8 @@
 
 The trainer (train/trainer.py) runs the job as for data parallelism; this strategy makes:
 - a step: `engine.train_batch` over the step's micro-batches (slot m = micro-batch m); the
-  memory it wrote is committed on every stage only if every rank applied the step;
+  memory it wrote is committed on every stage only if every rank applied the step
+  (`strategy.settle_step`);
 - an evaluation: the trainer's `evaluation.run_eval` with a `PipelineScorer` (`engine.eval_batch`
   with the stages' separate evaluation banks);
 - the weights of a checkpoint: the layer files plus layer_map.json. A checkpoint of another
@@ -14,7 +15,7 @@ The memory of this rank's stages is one Stateful (parallel.pipeline.StageMemory)
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import torch
 
@@ -29,9 +30,8 @@ from ..parallel.pipeline_engine import (
     load_logical,
     micro_batches,
     record_grad_norm,
-    train_batch,
 )
-from .strategy import Hooks, StepResult
+from .strategy import Hooks, StepResult, settle_step
 
 
 class PipelineScorer:
@@ -72,7 +72,6 @@ class PipelineParallel:
                  model: LaMemoLM):
         self.cfg, self.plan, self.comm, self.device, self.hooks = cfg, plan, comm, device, hooks
         self.rank = comm.rank
-        self.last_loss = float("nan")
         self.bundle = build_pipeline_engine(model.to(device), cfg, plan,
                                             cuda=device.type == "cuda")
         self.engine = self.bundle.engine
@@ -94,11 +93,9 @@ class PipelineParallel:
         self._step, self._micro = step, 0
         items = micro_batches(batch.input.to(self.device), batch.target.to(self.device),
                               batch.reset.to(self.device), micro_batch=self.plan.micro_batch)
-        loss, applied = train_batch(self.engine, items)
-        if applied and not math.isfinite(loss):
-            raise RuntimeError(f"step {step + 1}: non-finite loss {loss} but DeepSpeed "
-                               "applied the update; parameters may be corrupt")
-        self.last_loss = loss
+        self.pipe.materialize_tied_grads()
+        loss = float(self.engine.train_batch(iter(items)))
+        applied = settle_step(self.engine, self.comm, self.memory, loss=loss, step=step)
         gn = self.engine.get_global_grad_norm()
         gn = self.fp32_grad_norm() if gn is None else gn
         # one collective for the stop flag and every layer's mean alpha (layers live on
@@ -132,7 +129,7 @@ class PipelineParallel:
     def same_layout(self, meta: dict) -> bool:
         keys = ("world_size", "pipeline_stages", "micro_batch", "grad_accum")
         now = self.layout()
-        return all(meta.get(k, 1 if k == "pipeline_stages" else None) == now[k] for k in keys)
+        return all(meta[k] == now[k] for k in keys)
 
     def save_weights(self, folder: str, tag: str) -> None:
         """DeepSpeed's layer files, plus the layer map (layer file -> model names)."""
@@ -140,7 +137,7 @@ class PipelineParallel:
         if self.rank == 0:
             write_layer_map(f"{folder}/{tag}", self.pipe.layer_map())
 
-    def load_weights(self, path, *, same_layout: bool) -> None:
+    def load_weights(self, path: str | Path, *, same_layout: bool) -> None:
         """This layout: DeepSpeed's own files (optimizer included); another: the weights by
         name through the layer map (or a data-parallel checkpoint's module)."""
         if same_layout:
