@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lamemo_ds.checkpoint.manager import CheckpointManager, step_dir_name, verify
+from lamemo_ds.config.errors import UserError
 from lamemo_ds.config.schema import OptimConfig
 from lamemo_ds.model.bank import MemoryBank
 from lamemo_ds.model.memory import MemoryState, empty_state
@@ -151,14 +152,29 @@ class Crash(Exception):
     pass
 
 
-def _save(mgr: CheckpointManager, step: int, payload: bytes = b"weights") -> None:
+def _save(mgr: CheckpointManager, step: int, payload: bytes = b"weights",
+          meta: dict | None = None) -> None:
     def ds(folder: str, tag: str) -> None:
         os.makedirs(f"{folder}/{tag}")
         with open(f"{folder}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
             f.write(payload + str(step).encode())
 
     mgr.save(step, save_weights=ds, state={"progress": Progress(step=step)},
-             config_text="model: {}\n", meta={"world_size": 1})
+             config_text="model: {}\n", meta=meta or LAYOUT)
+
+
+LAYOUT = {"world_size": 1, "pipeline_stages": 1, "dp_size": 1, "micro_batch": 2, "grad_accum": 1}
+
+
+def test_resume_of_a_meta_without_the_layout_is_a_user_error(tmp_path):
+    """A checkpoint from before every layout recorded pipeline_stages: one clear error naming
+    the missing key and the way out, not a KeyError deep in resume."""
+    mgr = CheckpointManager(tmp_path, keep_last=3, comm=Comm())
+    _save(mgr, 1, meta={k: v for k, v in LAYOUT.items() if k != "pipeline_stages"})
+    found = mgr.find_latest()
+    with pytest.raises(UserError, match=r"meta.json lacks pipeline_stages.*--overwrite"):
+        mgr.require_meta(found, LAYOUT)
+    mgr.require_meta(found, ["world_size", "grad_accum"])
 
 
 @pytest.mark.parametrize("phase", ["begin", "deepspeed", "rank_state", "manifest"])

@@ -51,6 +51,7 @@ from typing import Protocol
 
 import torch
 
+from ..config.errors import UserError
 from ..fileio import atomic_write, fsync_dir, sha256_file
 from .safe_load import UntrustedCheckpointError, check_files, is_trusted, load_pt
 
@@ -277,6 +278,17 @@ class CheckpointManager:
             return None
         path = self.root / step_dir_name(chosen)
         return Found(path=path, step=chosen, meta=json.loads((path / "meta.json").read_text()))
+
+    @staticmethod
+    def require_meta(found: Found, keys: Iterable[str]) -> None:
+        """Resume reads `keys` from meta.json: one clear error when a checkpoint written by an
+        older lamemo_ds lacks one (e.g. pipeline_stages, not always recorded before)."""
+        missing = [k for k in keys if k not in found.meta]
+        if missing:
+            raise UserError(
+                f"{found.path}/meta.json lacks {', '.join(missing)}: it was written by an older "
+                "lamemo_ds whose layout this version cannot read; resume it with the lamemo_ds "
+                "commit that wrote it, or start anew with --overwrite")
 
     def check_safe(self, found: Found) -> None:
         """Every .pt of `found` holds plain data only (collective: rank 0 reads them with the

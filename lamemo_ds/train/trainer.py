@@ -177,6 +177,7 @@ class Trainer:
         found = self.ckpt.find_latest()
         if found is None:
             return False
+        self.ckpt.require_meta(found, [k for k in self.parallel.layout() if k != "parts"])
         same = self.parallel.same_layout(found.meta)
         self.ckpt.check_safe(found)  # before DeepSpeed unpickles any file (README: Trust model)
         self.parallel.load_weights(found.path, same_layout=same)
