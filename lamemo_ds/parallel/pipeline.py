@@ -110,11 +110,11 @@ def unpack(h: torch.Tensor, kind: MemoryKind, mem_len: int) -> Flow:
 
 def _one_layer_state(valid: torch.Tensor, mem_len: int, part: LayerMemory) -> MemoryState | None:
     """One layer's memory as a MemoryState of one layer (what a stage banks; None: nothing)."""
-    if part.ctx is None and part.hidden is None:
-        return None
-    one = lambda t: () if t is None else (t,)  # noqa: E731
-    return MemoryState(valid=valid, mem_len=mem_len, ctx=one(part.ctx), lse=one(part.lse),
-                       hidden=one(part.hidden))
+    if part.hidden is not None:  # xl
+        return MemoryState(valid=valid, mem_len=mem_len, hidden=(part.hidden,))
+    if part.ctx is not None:  # lamemo
+        return MemoryState(valid=valid, mem_len=mem_len, ctx=(part.ctx,), lse=(part.lse,))
+    return None
 
 
 class IOStage(nn.Module):
