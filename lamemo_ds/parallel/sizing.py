@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 from ..config.schema import ModelConfig
 from ..model.flops import segment_flops, state_bytes_per_stream
+from ..model.memory import carried_len
 
 GPUS = {  # dense bf16 TFLOP/s, memory GiB
     "h100": (989.0, 80.0),
@@ -106,7 +107,7 @@ def activation_bytes_per_stream(cfg: ModelConfig, *, precision: str, fused: bool
     CUDA the ReLU output is kept as well.
     """
     e = 4 if precision == "fp32" else 2
-    n, m = cfg.segment_len, cfg.mem_len if cfg.memory != "none" else 0
+    n, m = cfg.segment_len, carried_len(cfg.memory, cfg.mem_len)
     lamemo = cfg.memory == "lamemo" and m > 0
     rows = n + (m if lamemo else 0)
     k = n + m
