@@ -79,7 +79,7 @@ def worker(a) -> None:
 def _dp_step(model, cfg, plan):
     from lamemo_ds.parallel.engine import build_engine
 
-    eng = build_engine(model, cfg, plan, cuda=False).engine
+    eng = build_engine(model, cfg, plan).engine
     mb = plan.micro_batch
     states = [model.init_state(mb) for _ in range(plan.grad_accum)]
 
@@ -98,7 +98,7 @@ def _pipeline_step(model, cfg, plan):
 
     from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
 
-    eng = build_pipeline_engine(model, cfg, plan, cuda=False).engine
+    eng = build_pipeline_engine(model, cfg, plan).engine
 
     def step(x, y, first):
         reset = torch.full((x.shape[0],), first)

@@ -64,7 +64,7 @@ def run_reference(cfg, plan, a) -> dict:
     model = LaMemoLM(cfg.model)
     model.activation_checkpointing = a.ckpt
     names = {id(p): n for n, p in model.named_parameters()}
-    bundle = build_engine(model, cfg, plan, cuda=False)
+    bundle = build_engine(model, cfg, plan)
     eng, grads, losses = bundle.engine, {}, []
     capture_grads(eng, names, grads)
     mb = plan.micro_batch
@@ -89,12 +89,13 @@ def run_reference(cfg, plan, a) -> dict:
 
 
 def run_pipeline(cfg, plan, a) -> dict:
+    from lamemo_ds.parallel.ds_adapter import is_replica
     from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
 
     torch.manual_seed(cfg.train.seed)
     model = LaMemoLM(cfg.model)
     logical = {id(p): n for n, p in model.named_parameters()}
-    bundle = build_pipeline_engine(model, cfg, plan, cuda=False)
+    bundle = build_pipeline_engine(model, cfg, plan)
     eng, grads, losses = bundle.engine, {}, []
     capture_grads(eng, logical, grads)
     rows = plan.rows_per_rank
@@ -112,7 +113,7 @@ def run_pipeline(cfg, plan, a) -> dict:
     io = eng.module.tied_modules["io"]
     tied = {"word_emb": io.word_emb.emb_layers[0].weight.detach().clone(),
             "biases": torch.cat([p.detach().flatten() for p in eng.module.ctx.biases.parameters()])}
-    owned = sorted(logical[id(p)] for p in eng.module.parameters() if not p.ds_pipe_replicated)
+    owned = sorted(logical[id(p)] for p in eng.module.parameters() if not is_replica(p))
     return {"losses": losses, "grads": grads, "tied": tied, "stage": eng.stage_id,
             "dp": dp_id, "owned": owned, "alpha_sums": alpha_sums}
 

@@ -33,7 +33,7 @@ WORKER = '''
 import os, sys, torch, deepspeed
 from lamemo_ds.config import load_config
 from lamemo_ds.model import LaMemoLM
-from lamemo_ds.parallel.dist import skip_cpu_shm_kernel
+from lamemo_ds.parallel.ds_adapter import skip_cpu_shm_kernel
 root, stages = sys.argv[1], [int(s) for s in sys.argv[2:]]
 skip_cpu_shm_kernel()
 deepspeed.init_distributed(dist_backend="gloo")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.schema import ModelConfig
+from ..config.schema import ModelConfig, memory_len
 
 
 @dataclass(frozen=True)
@@ -18,15 +18,11 @@ class FlopCount:
     forward_per_segment: float  # one stream (batch row), one segment
     per_target_token: float  # forward + backward, per target token
 
-    @property
-    def forward_per_token(self) -> float:
-        return self.per_target_token / 3.0
-
 
 def segment_flops(cfg: ModelConfig, *, seg_len: int | None = None,
                   mem_len: int | None = None) -> FlopCount:
     n = cfg.segment_len if seg_len is None else seg_len
-    m = (cfg.mem_len if mem_len is None else mem_len) if cfg.memory != "none" else 0
+    m = memory_len(cfg.memory, cfg.mem_len if mem_len is None else mem_len)
     d, hd, di, L = cfg.d_model, cfg.n_head * cfg.d_head, cfg.d_inner, cfg.n_layer
     k = m + n
     lamemo = cfg.memory == "lamemo" and m > 0
@@ -53,8 +49,8 @@ def segment_flops(cfg: ModelConfig, *, seg_len: int | None = None,
 def state_bytes_per_stream(cfg: ModelConfig, *, mem_len: int | None = None,
                            bytes_per_elem: int = 4) -> int:
     """Memory carried between segments for one stream (lse always fp32)."""
-    m = cfg.mem_len if mem_len is None else mem_len
-    if cfg.memory == "none" or m == 0:
+    m = memory_len(cfg.memory, cfg.mem_len if mem_len is None else mem_len)
+    if m == 0:
         return 0
     if cfg.memory == "xl":
         return cfg.n_layer * m * cfg.d_model * bytes_per_elem

@@ -120,9 +120,9 @@ class LaMemoLM(nn.Module):
         recompute = self.activation_checkpointing and self.training
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            flow, part, alpha = layer_step(kind, layer, flow, kind.layer_memory(state, i),
-                                           pos=pos, biases=biases, valid=state.valid,
-                                           same_length=same, last=i == last, recompute=recompute)
+            flow, part, alpha = layer_step(layer, flow, state.layer(i), pos=pos, biases=biases,
+                                           valid=state.valid, same_length=same, last=i == last,
+                                           recompute=recompute)
             parts.append(part)
             if alpha is not None:
                 alphas.append(alpha)

@@ -12,7 +12,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..config.schema import memory_len
+
 LSE_EPS = 1e-6  # the reference's epsilon in the interpolation weight
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One layer's memory of the previous segment (every field None for memory none).
+
+    lamemo: ctx [B,M,H,D] (attention output before W_o) and lse [B,M,H] (log-normalisers);
+    xl: hidden [B,M,d] (the layer's input rows of the previous segment).
+    """
+
+    ctx: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,12 @@ class MemoryState:
             for i, t in enumerate(getattr(self, name)):
                 out[f"{name}.{i}"] = t
         return out
+
+    def layer(self, i: int) -> LayerMemory:
+        """Layer i's part of this state."""
+        return LayerMemory(ctx=self.ctx[i] if self.ctx else None,
+                           lse=self.lse[i] if self.lse else None,
+                           hidden=self.hidden[i] if self.hidden else None)
 
     def fits(self, batch: int, mem_len: int) -> bool:
         """True when this state has the shapes a batch of `batch` streams with a memory of
@@ -82,7 +103,7 @@ def empty_state(kind: str, *, batch_size: int, mem_len: int, n_layer: int, d_mod
                 n_head: int, d_head: int, dtype: torch.dtype, device=None) -> MemoryState:
     """A state with no real rows; buffers are zero (lse -inf) so unused slots stay finite."""
     valid = torch.zeros(batch_size, dtype=torch.int64, device=device)
-    if kind == "none" or mem_len == 0:
+    if memory_len(kind, mem_len) == 0:
         return MemoryState(valid=valid, mem_len=0)
     if kind == "xl":
         hidden = tuple(torch.zeros(batch_size, mem_len, d_model, dtype=dtype, device=device)

@@ -176,29 +176,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_backend(requested: str) -> str:
-    """'auto' -> nccl when CUDA is available, gloo otherwise."""
-    if requested != "auto":
-        return requested
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def skip_cpu_shm_kernel() -> None:
-    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce kernel.
-
-    On the CPU accelerator, DeepSpeed's communication backend builds that C++ extension when it
-    starts: about a minute of g++ on a fresh 2-core machine (and a crash where no compiler is
-    installed). Only `inference_all_reduce` uses it, which training never calls, so it is marked
-    unavailable for this process; GPU accelerators are left alone.
-    """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # absent in other versions
-    if get_accelerator().device_name() == "cpu" and isinstance(ops, dict):
-        ops["deepspeed_shm_comm"] = False
-
-
 def init_distributed(denv: DistEnv, *, backend: str, timeout_s: int = 1800) -> None:
     """Start the default process group (and DeepSpeed's view of it) from a DistEnv.
 
@@ -206,6 +183,8 @@ def init_distributed(denv: DistEnv, *, backend: str, timeout_s: int = 1800) -> N
     (which we switch off) would agree with ours.
     """
     import deepspeed
+
+    from .ds_adapter import skip_cpu_shm_kernel
 
     os.environ.update(RANK=str(denv.rank), LOCAL_RANK=str(denv.local_rank),
                       WORLD_SIZE=str(denv.world_size),

@@ -65,15 +65,20 @@ class EngineBundle:
     ds_config: dict
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, plan: Plan, *,
-                 cuda: bool) -> EngineBundle:
-    """deepspeed.initialize with our optimizer, LambdaLR schedule and generated config."""
+def initialize(module: torch.nn.Module, params, cfg: RunConfig, plan: Plan) -> EngineBundle:
+    """deepspeed.initialize of `module` (a LaMemoLM, or the pipeline's stages) with our
+    optimizer over `params`, LambdaLR schedule and generated config: the one engine builder."""
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, plan)
     plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
-    optimizer = build_optimizer(model.parameters(), cfg.optim, skip_nonfinite=plain_fp32)
+    optimizer = build_optimizer(params, cfg.optim, skip_nonfinite=plain_fp32)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.max_steps)
-    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
+    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=module, optimizer=optimizer,
                                                        lr_scheduler=scheduler, config=ds_cfg)
     return EngineBundle(engine=engine, optimizer=ds_opt, scheduler=ds_sched, ds_config=ds_cfg)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, plan: Plan) -> EngineBundle:
+    """The data-parallel engine: the LaMemoLM itself, every parameter optimized."""
+    return initialize(model, model.parameters(), cfg, plan)

@@ -6,19 +6,22 @@ weights and share parameter names):
     [IOStage(embed)] [BiasStage] DecoderStage(0) ... | [BiasStage] DecoderStage(k) .. [IOStage]
 
 - IOStage holds word_emb and crit (tied: the same TiedLayerSpec "io" on the first and last stage;
-  the parameters the model itself shares between them are the tied weights). On stage 0 it embeds
-  the tokens and owns the embedding memory and the valid-row counts; on the last stage it returns
-  the final hidden rows and `loss_fn` applies crit.
+  the parameters the model itself shares between them are the tied weights). Built for the first
+  stage, it embeds the tokens and owns the embedding memory and the valid-row counts; built for
+  the last, it returns the final hidden rows and `loss_fn` applies crit (a pipeline has at least
+  two stages, so each stage builds its own IOStage).
 - BiasStage carries the layer-shared biases u, v, v' (TiedLayerSpec "biases", one per stage);
   it passes activations through and the stage's DecoderStages read it. With model.untie_r every
   layer owns its biases and there is no BiasStage.
 - DecoderStage(i) runs DecoderLayer i through the model's own per-layer step
-  (model/step.py: `layer_step` with the strategy of the memory kind) with the layer's memory part
-  (ctx/lse or the XL hidden) taken from its per-slot bank; the stages only place the layers.
+  (model/step.py: `layer_step`) with the layer's LayerMemory (ctx/lse or the XL hidden) taken
+  from its per-slot bank; the stages only place the layers.
 
 Between stages flows exactly one float tensor with gradient, h [B, M+N, d] (lamemo: the
 refreshed memory rows, then the current rows; xl/none: [B, N, d], their memory is stage-local)
-and meta [B, 2] int64 = (slot, valid memory rows). Position tables are recomputed per layer.
+and meta [B, 2] int64 = (slot, valid memory rows); `pack` / `unpack` turn a model Flow into h
+and back. Position tables are recomputed per layer. DeepSpeed's private API is used only
+through parallel/ds_adapter.py.
 Every stage module keeps its memory in a model.bank.MemoryBank; `StageMemory` makes the banks of
 this rank one Stateful (checkpoints, commit or drop after a step, reset).
 """
@@ -28,17 +31,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from ..config.schema import ModelConfig
+from ..config.schema import ModelConfig, memory_len
 from ..model import LaMemoLM
 from ..model.bank import MemoryBank
 from ..model.dropout import Dropout
-from ..model.memory import MemoryState, empty_state
+from ..model.memory import LayerMemory, MemoryState, empty_state
 from ..model.positional import SinusoidTable
-from ..model.step import layer_step, memory_kind, relative_positions
+from ..model.step import Flow, MemoryKind, layer_step, memory_kind, relative_positions
+from .ds_adapter import StagedPipelineModule, count_in_grad_norm, mark_replica
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class StageContext:
 
     def window(self, training: bool) -> Window:
         w = self.train if training else self.eval
-        return w if self.cfg.memory != "none" else Window(0, w.clamp_len, w.same_length)
+        return Window(memory_len(self.cfg.memory, w.mem_len), w.clamp_len, w.same_length)
 
 
 class ModelSource:
@@ -93,11 +97,32 @@ def _slot_state(bank: MemoryBank, slot: int, cfg: ModelConfig, *, training: bool
                        dtype=like.dtype, device=like.device)
 
 
+def pack(flow: Flow) -> torch.Tensor:
+    """The flow as the one tensor that crosses a stage boundary: [B, M+N, d] (lamemo: the
+    refreshed memory rows, then the current rows) or [B, N, d] (xl, none, after the last layer)."""
+    return flow.cur if flow.mem is None else torch.cat([flow.mem, flow.cur], 1)
+
+
+def unpack(h: torch.Tensor, kind: MemoryKind, mem_len: int) -> Flow:
+    """The inverse of `pack` for the flow into a layer of memory kind `kind`."""
+    return Flow(h[:, mem_len:], h[:, :mem_len]) if kind.refreshed else Flow(h)
+
+
+def _one_layer_state(valid: torch.Tensor, mem_len: int, part: LayerMemory) -> MemoryState | None:
+    """One layer's memory as a MemoryState of one layer (what a stage banks; None: nothing)."""
+    if part.hidden is not None:  # xl
+        return MemoryState(valid=valid, mem_len=mem_len, hidden=(part.hidden,))
+    if part.ctx is not None:  # lamemo
+        return MemoryState(valid=valid, mem_len=mem_len, ctx=(part.ctx,), lse=(part.lse,))
+    return None
+
+
 class IOStage(nn.Module):
     """Embedding (stage 0, with the embedding memory) and output head (last stage), tied."""
 
-    def __init__(self, source: ModelSource, ctx: StageContext):
+    def __init__(self, source: ModelSource, ctx: StageContext, *, first: bool):
         super().__init__()
+        self.first = first  # built for the first stage (embed) or the last (head)
         self.word_emb = source.take("word_emb")
         self.crit = source.take("crit")
         self.drop = Dropout(ctx.cfg.dropout)
@@ -105,9 +130,9 @@ class IOStage(nn.Module):
         self.ctx = ctx
 
     def forward(self, x: tuple[torch.Tensor, torch.Tensor]):
-        if x[0].is_floating_point():  # the last stage: (hidden [B,N,d], meta)
-            return self.drop(x[0])
-        return self.embed(*x)
+        if self.first:
+            return self.embed(*x)
+        return self.drop(x[0])  # the last stage: (hidden [B,N,d], meta)
 
     def embed(self, tokens: torch.Tensor, ctrl: torch.Tensor):
         """tokens [B, N] int64; ctrl [B, 2] int64 = (slot, reset) -> (h [B, M+N, d], meta)."""
@@ -120,7 +145,7 @@ class IOStage(nn.Module):
         st = st.reset(ctrl[:, 1].bool())
         self.bank.put(slot, kind.next_state(st, emb, []), training=self.training)
         meta = torch.stack([torch.full_like(st.valid, slot), st.valid], 1)  # [B, 2]
-        return kind.pack(kind.start(emb, st)), meta
+        return pack(kind.start(emb, st)), meta
 
 
 class BiasStage(nn.Module):
@@ -152,7 +177,7 @@ class DecoderStage(nn.Module):
         cfg, w = self.ctx.cfg, self.ctx.window(self.training)
         m, slot, valid = w.mem_len, int(meta[0, 0]), meta[:, 1]
         kind = memory_kind(cfg.memory, m)
-        flow = kind.unpack(h, m)
+        flow = unpack(h, kind, m)
         st = _slot_state(self.bank, slot, cfg, training=self.training, n_layer=1,
                          batch=h.shape[0], mem_len=m, like=h)
         pos = relative_positions(kind, self.pos_emb, self.drop, variant=cfg.variant, mem_len=m,
@@ -160,17 +185,17 @@ class DecoderStage(nn.Module):
                                  device=h.device, dtype=h.dtype)
         biases = self.ctx.biases() if self.ctx.biases is not None else None
         flow, part, alpha = layer_step(
-            kind, self.layer, flow, kind.layer_memory(st, 0), pos=pos, biases=biases,
-            valid=valid, same_length=w.same_length, last=self.last,
+            self.layer, flow, st.layer(0), pos=pos, biases=biases, valid=valid,
+            same_length=w.same_length, last=self.last,
             recompute=self.ctx.activation_checkpointing and self.training)
-        new = kind.layer_state(valid, m, part)
+        new = _one_layer_state(valid, m, part)
         if new is not None:
             self.bank.put(slot, new, training=self.training)
         if alpha is not None and self.training:
             total, count = self.ctx.alpha_sums.get(self.index, (0.0, 0))
             alpha = alpha.detach().double()  # stays on the device: no host sync here
             self.ctx.alpha_sums[self.index] = (alpha + total, count + 1)
-        return kind.pack(flow), meta
+        return pack(flow), meta
 
 
 def stage_layout(n_layer: int, stages: int) -> list[int]:
@@ -199,7 +224,8 @@ def build_specs(source: ModelSource, ctx: StageContext, stages: int):
     specs, entries, parts, layer = [], [], [0], 0
     for s, count in enumerate(stage_layout(cfg.n_layer, stages)):
         if s == 0:
-            specs.append(TiedLayerSpec("io", IOStage, source, ctx, tied_weight_attr=tied))
+            specs.append(TiedLayerSpec("io", IOStage, source, ctx, first=True,
+                                       tied_weight_attr=tied))
             entries.append(LayerEntry("io", "", ""))
         if not cfg.untie_r:
             specs.append(TiedLayerSpec("biases", BiasStage, source,
@@ -210,7 +236,8 @@ def build_specs(source: ModelSource, ctx: StageContext, stages: int):
             entries.append(LayerEntry("decoder", f"layers.{layer}", "layer"))
             layer += 1
         if s == stages - 1:
-            specs.append(TiedLayerSpec("io", IOStage, source, ctx, tied_weight_attr=tied))
+            specs.append(TiedLayerSpec("io", IOStage, source, ctx, first=False,
+                                       tied_weight_attr=tied))
             entries.append(LayerEntry("io", "", ""))
         parts.append(len(specs))
     return specs, parts, entries
@@ -227,19 +254,21 @@ def _tied_names(source: ModelSource) -> list[str]:
             if id(p) in crit]
 
 
-class LaMemoPipe(PipelineModule):
+class LaMemoPipe(StagedPipelineModule):
     """The PipelineModule of a LaMemoLM with stage-local memory (see the module docstring)."""
 
     def __init__(self, model: LaMemoLM, *, stages: int, dp: int, train: Window, eval: Window,
                  activation_checkpointing: bool = False):
+        if stages < 2:  # each stage builds one IOStage: the first or the last, not both
+            raise ValueError(f"a pipeline needs at least 2 stages, got {stages}: train with "
+                             "parallel.pipeline_stages=1 (data parallel) instead")
         self.ctx = StageContext(cfg=model.config, train=train, eval=eval,
                                 activation_checkpointing=activation_checkpointing)
         source = ModelSource(model)
         specs, parts, entries = build_specs(source, self.ctx, stages)
-        object.__setattr__(self, "_lamemo_parts", parts)
         topo = PipeModelDataParallelTopology(num_pp=stages, num_mp=1, num_dp=dp)
         with torch.no_grad():  # the tied-weight broadcast must not enter autograd
-            super().__init__(layers=specs, topology=topo, partition_method="lamemo",
+            super().__init__(layers=specs, parts=parts, topology=topo,
                              activation_checkpoint_interval=0)
         source.release()
         self.entries = entries
@@ -249,10 +278,7 @@ class LaMemoPipe(PipelineModule):
             self.ctx.biases = self.tied_modules["biases"].biases
         if "io" in self.tied_modules:
             self._mark_io_owners(self.tied_modules["io"])
-        for p in self.parameters():
-            # DeepSpeed's fp32 clipping counts a later stage's gradient in the global norm only
-            # for "model parallel" parameters; every parameter a stage owns is one of those
-            p.model_parallel = not p.ds_pipe_replicated
+        count_in_grad_norm(self)
 
     def _mark_io_owners(self, io: IOStage) -> None:
         """Count each IOStage parameter once in the global gradient norm (clipping).
@@ -262,15 +288,8 @@ class LaMemoPipe(PipelineModule):
         softmax-only parameters (cluster and output biases) to the last stage.
         """
         emb = {id(p) for p in io.word_emb.parameters()}
-        first = self.stage_id == 0
         for p in io.parameters():
-            p.ds_pipe_replicated = (id(p) in emb) != first
-
-    def _partition_layers(self, method: str = "lamemo") -> None:
-        """Stage boundaries from stage_layout (balanced by decoder layers), not DeepSpeed's."""
-        self.parts = list(self._lamemo_parts)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+            mark_replica(p, (id(p) in emb) != io.first)
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean NLL of the last stage's hidden rows [B, N, d] against targets [B, N]."""
@@ -302,11 +321,7 @@ class LaMemoPipe(PipelineModule):
     # -- memory -----------------------------------------------------------------------------
     def local_banks(self) -> dict[int, MemoryBank]:
         """Global layer-list index -> bank of every stage module on this rank that has one."""
-        out = {}
-        for i, f in enumerate(self.forward_funcs):
-            if isinstance(f, (IOStage, DecoderStage)):
-                out[self._local_start + i] = f.bank
-        return out
+        return {i: f.bank for i, f in self.local_layers() if isinstance(f, (IOStage, DecoderStage))}
 
     @property
     def memory(self) -> StageMemory:

@@ -16,13 +16,12 @@ from collections.abc import Callable
 import torch
 
 from ..checkpoint.layer_map import rename_keys
-from ..config.deepspeed_config import deepspeed_config
 from ..config.derive import Plan
 from ..config.schema import RunConfig
 from ..model import LaMemoLM
-from .engine import EngineBundle, build_optimizer
+from .ds_adapter import before_fp32_clipping
+from .engine import EngineBundle, initialize
 from .pipeline import LaMemoPipe, Window
-from .schedule import build_scheduler
 
 
 def windows(cfg: RunConfig, plan: Plan) -> tuple[Window, Window]:
@@ -40,21 +39,11 @@ def build_pipe(model: LaMemoLM, cfg: RunConfig, plan: Plan) -> LaMemoPipe:
                       activation_checkpointing=cfg.train.activation_checkpointing)
 
 
-def build_pipeline_engine(model: LaMemoLM, cfg: RunConfig, plan: Plan, *,
-                          cuda: bool) -> EngineBundle:
-    """deepspeed.initialize over the pipeline stages (ZeRO 0/1: ParallelConfig.validate, which
+def build_pipeline_engine(model: LaMemoLM, cfg: RunConfig, plan: Plan) -> EngineBundle:
+    """The engine over the pipeline stages (ZeRO 0/1: ParallelConfig.validate, which
     config.derive.resolve runs for every plan, rejects 2/3)."""
-    import deepspeed
-
     pipe = build_pipe(model, cfg, plan)
-    ds_cfg = deepspeed_config(cfg, plan)
-    plain_fp32 = plan.zero_stage == 0 and plan.precision == "fp32"
-    params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim, skip_nonfinite=plain_fp32)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.max_steps)
-    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=pipe, optimizer=optimizer,
-                                                       lr_scheduler=scheduler, config=ds_cfg)
-    return EngineBundle(engine=engine, optimizer=ds_opt, scheduler=ds_sched, ds_config=ds_cfg)
+    return initialize(pipe, [p for p in pipe.parameters() if p.requires_grad], cfg, plan)
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, reset: torch.Tensor, *,
@@ -119,13 +108,7 @@ def record_grad_norm(engine) -> Callable[[], float]:
         last[0] = stage_grad_norm(engine)
 
     if engine.gradient_clipping() > 0.0:
-        clip = engine.clip_fp32_gradients  # DeepSpeed's engine method, called before the step
-
-        def measure_then_clip() -> None:
-            measure()
-            clip()
-
-        engine.clip_fp32_gradients = measure_then_clip
+        before_fp32_clipping(engine, measure)
     else:
         engine.optimizer.register_step_pre_hook(measure)
     return lambda: last[0]
@@ -134,16 +117,16 @@ def record_grad_norm(engine) -> Callable[[], float]:
 # ----------------------------------------------------------------------------- checkpoints
 def load_logical(pipe: LaMemoPipe, state: dict[str, torch.Tensor]) -> None:
     """Load a LaMemoLM state dict into this rank's stage modules (any source layout)."""
-    for i, f in enumerate(pipe.forward_funcs):
+    for i, f in pipe.local_layers():
         if not isinstance(f, torch.nn.Module):
             continue
-        e = pipe.entries[pipe._local_start + i]
+        e = pipe.entries[i]
         own = f.state_dict()
         mapped = rename_keys({k: None for k in own}, local_prefix=e.local_prefix,
                              logical=e.logical)
         names = dict(zip(own, mapped))
         missing = [logical for logical in names.values() if logical not in state]
         if missing:
-            raise KeyError(f"checkpoint lacks {missing[:4]} (layer {pipe._local_start + i})")
+            raise KeyError(f"checkpoint lacks {missing[:4]} (layer {i})")
         f.load_state_dict({local: state[logical] for local, logical in names.items()})
-    pipe._synchronize_tied_weights()
+    pipe.synchronize_tied_weights()

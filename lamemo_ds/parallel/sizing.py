@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..config.schema import ModelConfig
+from ..config.schema import ModelConfig, memory_len
 from ..model.flops import segment_flops, state_bytes_per_stream
 
 GPUS = {  # dense bf16 TFLOP/s, memory GiB
@@ -106,7 +106,7 @@ def activation_bytes_per_stream(cfg: ModelConfig, *, precision: str, fused: bool
     CUDA the ReLU output is kept as well.
     """
     e = 4 if precision == "fp32" else 2
-    n, m = cfg.segment_len, cfg.mem_len if cfg.memory != "none" else 0
+    n, m = cfg.segment_len, memory_len(cfg.memory, cfg.mem_len)
     lamemo = cfg.memory == "lamemo" and m > 0
     rows = n + (m if lamemo else 0)
     k = n + m

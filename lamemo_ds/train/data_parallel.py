@@ -36,7 +36,7 @@ class DataParallel:
         self.cfg, self.plan, self.comm, self.device, self.hooks = cfg, plan, comm, device, hooks
         self.rank = comm.rank
         model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.bundle = build_engine(model.to(device), cfg, plan, cuda=device.type == "cuda")
+        self.bundle = build_engine(model.to(device), cfg, plan)
         self.engine = self.bundle.engine
         self.dp_rank = self.rank
         self.memory = MemoryBank(device)

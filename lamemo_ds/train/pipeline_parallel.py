@@ -72,8 +72,7 @@ class PipelineParallel:
                  model: LaMemoLM):
         self.cfg, self.plan, self.comm, self.device, self.hooks = cfg, plan, comm, device, hooks
         self.rank = comm.rank
-        self.bundle = build_pipeline_engine(model.to(device), cfg, plan,
-                                            cuda=device.type == "cuda")
+        self.bundle = build_pipeline_engine(model.to(device), cfg, plan)
         self.engine = self.bundle.engine
         self.fp32_grad_norm = record_grad_norm(self.engine)
         self.pipe = self.engine.module
