@@ -96,13 +96,16 @@ def _dp_step(model, cfg, plan):
 def _pipeline_step(model, cfg, plan):
     import torch
 
+    from lamemo_ds.parallel.dist import Comm
     from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
+    from lamemo_ds.train.strategy import settle_step
 
-    eng = build_pipeline_engine(model, cfg, plan).engine
+    eng, comm = build_pipeline_engine(model, cfg, plan).engine, Comm()
 
     def step(x, y, first):
         reset = torch.full((x.shape[0],), first)
-        train_batch(eng, micro_batches(x, y, reset, micro_batch=plan.micro_batch))
+        loss = train_batch(eng, micro_batches(x, y, reset, micro_batch=plan.micro_batch))
+        settle_step(eng, comm, eng.module.memory, loss=loss, step=0)
     return step
 
 

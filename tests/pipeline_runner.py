@@ -89,9 +89,12 @@ def run_reference(cfg, plan, a) -> dict:
 
 
 def run_pipeline(cfg, plan, a) -> dict:
+    from lamemo_ds.parallel.dist import Comm
     from lamemo_ds.parallel.ds_adapter import is_replica
     from lamemo_ds.parallel.pipeline_engine import build_pipeline_engine, micro_batches, train_batch
+    from lamemo_ds.train.strategy import settle_step
 
+    comm = Comm()
     torch.manual_seed(cfg.train.seed)
     model = LaMemoLM(cfg.model)
     logical = {id(p): n for n, p in model.named_parameters()}
@@ -107,7 +110,8 @@ def run_pipeline(cfg, plan, a) -> dict:
         mine = slice(dp_id * rows, (dp_id + 1) * rows)
         reset = torch.full((rows,), step == 0)
         items = micro_batches(x[mine], y[mine], reset, micro_batch=plan.micro_batch)
-        loss, _ = train_batch(eng, items)
+        loss = train_batch(eng, items)
+        settle_step(eng, comm, eng.module.memory, loss=loss, step=step)
         losses.append(loss)
         alpha_sums.append(eng.module.take_alpha_sums())
     io = eng.module.tied_modules["io"]

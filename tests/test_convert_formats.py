@@ -153,3 +153,25 @@ def test_export_file_modes_and_no_temp_left(tmp_path):
                  quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir() if f.is_file())
+
+
+@pytest.mark.unit
+def test_presets_are_the_shipped_configs_and_another_vocabulary_names_its_size():
+    """`--preset enwik8_base` is the model of configs/enwik8_base.yaml (one source of truth);
+    an authors' checkpoint of another vocabulary is refused naming the setting that fits it."""
+    from dataclasses import replace
+
+    from lamemo_ds.config.load import load_config
+    from lamemo_ds.config.schema import ConfigError
+    from lamemo_ds.convert.reference import from_reference, to_reference
+    from lamemo_ds.model.presets import preset
+
+    assert preset("enwik8_base") == load_config("enwik8_base").model
+    assert preset("enwik8_base").vocab_size == 257 and preset("text8_base").vocab_size == 29
+    with pytest.raises(KeyError, match="'enwik9'.*enwik8_base"):
+        preset("enwik9")
+    ref = to_reference(trained_like(TINY))
+    with pytest.raises(ConfigError, match=r"vocabulary of 61, the config 62: add --set "
+                                          r"model.vocab_size=61"):
+        from_reference(ref, replace(TINY, vocab_size=62))
+    same_tensors(from_reference(ref, TINY), trained_like(TINY))

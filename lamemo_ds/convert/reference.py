@@ -67,6 +67,10 @@ def from_reference(state_dict: dict[str, torch.Tensor], model_config: ModelConfi
         if name not in new:
             raise ConfigError(f"reference checkpoint lacks a tensor for {name!r}")
         if tuple(new[name].shape) != tuple(t.shape):
+            rows = new[name].shape[0]
+            if name == "word_emb.emb_layers.0.weight" and not cfg.cutoffs:  # another vocabulary
+                raise ConfigError(f"the reference checkpoint has a vocabulary of {rows}, the "
+                                  f"config {cfg.vocab_size}: add --set model.vocab_size={rows}")
             raise ConfigError(f"{name}: reference shape {tuple(new[name].shape)} != "
                               f"{tuple(t.shape)} implied by the config (check n_head/d_head/"
                               f"d_model/vocab_size)")

@@ -61,20 +61,12 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, reset: torch.Tensor, *,
     return items
 
 
-def train_batch(engine, items: list) -> tuple[float, bool]:
-    """One optimizer step over the micro-batch `items`; returns (mean loss, step applied).
-
-    Every rank agrees on `applied` (a step skipped anywhere drops the new memory everywhere);
-    the memory written by the forwards is committed only for an applied step.
-    """
-    pipe: LaMemoPipe = engine.module
-    pipe.materialize_tied_grads()
-    loss = engine.train_batch(iter(items))
-    flag = torch.tensor([0.0 if engine.was_step_applied() else 1.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    applied = flag.item() == 0.0
-    pipe.memory.settle(applied)
-    return float(loss), applied
+def train_batch(engine, items: list) -> float:
+    """One optimizer step over the micro-batch `items` (the tied gradients made whole first);
+    returns the mean loss. The caller settles the step: `train.strategy.settle_step` decides,
+    on every rank alike, whether it was applied and keeps the memory it wrote only then."""
+    engine.module.materialize_tied_grads()
+    return float(engine.train_batch(iter(items)))
 
 
 def stage_grad_norm(engine) -> float:

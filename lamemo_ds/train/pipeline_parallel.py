@@ -30,6 +30,7 @@ from ..parallel.pipeline_engine import (
     load_logical,
     micro_batches,
     record_grad_norm,
+    train_batch,
 )
 from .strategy import Hooks, StepResult, settle_step
 
@@ -92,8 +93,7 @@ class PipelineParallel:
         self._step, self._micro = step, 0
         items = micro_batches(batch.input.to(self.device), batch.target.to(self.device),
                               batch.reset.to(self.device), micro_batch=self.plan.micro_batch)
-        self.pipe.materialize_tied_grads()
-        loss = float(self.engine.train_batch(iter(items)))
+        loss = train_batch(self.engine, items)
         applied = settle_step(self.engine, self.comm, self.memory, loss=loss, step=step)
         gn = self.engine.get_global_grad_norm()
         gn = self.fp32_grad_norm() if gn is None else gn
