@@ -45,6 +45,10 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
 }
 
 
+# name -> a file in bench/ whose text (what the numbers mean, written by whoever ran the study)
+# opens that benchmark's section
+NOTES: dict[str, str] = {"scaling": "SCALING.md"}
+
 PLACES: dict[str, str] = {}  # machine path -> how RESULTS.md names it (set by main)
 
 
@@ -155,7 +159,11 @@ def write_markdown(rows: list[dict], info: dict, sha: str, plots: list[str], pat
     if findings.is_file():
         lines += [findings.read_text().strip(), ""]
     for r in rows:
-        lines += [f"## {r['name']}: {r['what']}", "", f"status: **{r['status']}**"]
+        lines += [f"## {r['name']}: {r['what']}", ""]
+        notes = NOTES.get(r["name"])
+        if notes and (HERE / notes).is_file():
+            lines += [(HERE / notes).read_text().strip(), ""]
+        lines += [f"status: **{r['status']}**"]
         if "command" in r:
             took = f" ({r['seconds']} s)" if "seconds" in r else ""
             lines += ["", f"command: `python {r['command']}`{took}"]
