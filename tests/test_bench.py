@@ -3,6 +3,7 @@ result (no timing is asserted: these machines are noisy)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# by file path, as tests/test_bench_reference.py does (bench/ on sys.path would shadow names)
+_spec = importlib.util.spec_from_file_location("scaling_report",
+                                               REPO / "bench" / "scaling_report.py")
+scaling_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scaling_report)
+
+
+@pytest.mark.unit
+def test_scaling_fits_tell_linear_from_quadratic_extra_cost():
+    xs = [64, 128, 256, 512, 1024]
+    xl = [1e-3 * x for x in xs]
+    assert scaling_report.loglog(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert scaling_report.loglog(xs[:1], [1.0]) is None  # one point: no fit
+    linear = scaling_report.extra_fit(xs, [t + 5e-4 * x for t, x in zip(xl, xs)], xl)
+    assert linear["linear"] and linear["upper_half"] == pytest.approx(1.0)
+    quad = scaling_report.extra_fit(xs, [t + 1e-6 * x * x for t, x in zip(xl, xs)], xl)
+    assert not quad["linear"] and quad["last_step"] == pytest.approx(2.0)
+    assert quad["quadratic_share_at_max"] == pytest.approx(1.0)
+    res = {"train_mem": {m: [{"x": x, "step_s": t, "peak_mib": 1.0} for x, t in zip(
+        xs, ts)] for m, ts in (("lamemo", [t + 1e-6 * x * x for t, x in zip(xl, xs)]),
+                               ("xl", xl), ("none", xl))}}
+    fit = scaling_report.fits(res)
+    assert "NOT linear" in scaling_report.verdict(fit, "train_mem", xs)
 
 
 @pytest.mark.integration
