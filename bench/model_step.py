@@ -206,22 +206,8 @@ def versus_reference(memory: str, a, reference) -> dict:
             "reference_parameters": steps["theirs"].num_parameters}
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    if a.tiny:
-        a.layers, a.d_model, a.heads, a.d_head, a.d_inner = 2, 32, 2, 16, 64
-        a.seg_len = a.mem_len = 16
-        a.batch, a.steps, a.warmup, a.profile_steps = 2, 2, 1, 1
-        a.reference_rounds, a.peak_size = 2, 256
-    torch.set_num_threads(a.threads)
-    peak_before = gemm_peak(a.peak_size)
-    rows = bench_all(a.memories.split(","), a)
-    peak = max(peak_before, gemm_peak(a.peak_size))  # best of before and after the steps
-    for r in rows:  # after every timing and RSS reading: the profiler's own memory is large
-        gemm = r.pop("profile")()
-        r.update(gemm, gemm_ceiling_tokens_per_s=a.batch * a.seg_len / gemm["gemm_s"],
-                 fraction_of_peak=r["gflops_per_s"] / peak)
-    by = {r["memory"]: r for r in rows}
+def print_rows(rows: list[dict], a, peak: float) -> None:
+    """The table of steps: time, rate, fraction of this machine's GEMM peak, memory, GEMMs."""
     print(f"config: L={a.layers} d={a.d_model} H={a.heads}x{a.d_head} FFN={a.d_inner} "
           f"N={a.seg_len} M={a.mem_len} B={a.batch} V={a.vocab} dropout={a.dropout} "
           f"threads={a.threads} torch={torch.__version__}")
@@ -238,6 +224,25 @@ def main(argv=None) -> int:
               f"{r['gemm_gflops_per_s']:10.1f} {r['gemm_ceiling_tokens_per_s']:17.0f}")
     print("GEMM ms: the matrix multiplies of a profiled step; GEMM-bound tok/s: the rate if "
           "everything else were free")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.tiny:
+        a.layers, a.d_model, a.heads, a.d_head, a.d_inner = 2, 32, 2, 16, 64
+        a.seg_len = a.mem_len = 16
+        a.batch, a.steps, a.warmup, a.profile_steps = 2, 2, 1, 1
+        a.reference_rounds, a.peak_size = 2, 256
+    torch.set_num_threads(a.threads)
+    peak_before = gemm_peak(a.peak_size)
+    rows = bench_all(a.memories.split(","), a)
+    peak = max(peak_before, gemm_peak(a.peak_size))  # best of before and after the steps
+    for r in rows:  # after every timing and RSS reading: the profiler's own memory is large
+        gemm = r.pop("profile")()
+        r.update(gemm, gemm_ceiling_tokens_per_s=a.batch * a.seg_len / gemm["gemm_s"],
+                 fraction_of_peak=r["gflops_per_s"] / peak)
+    by = {r["memory"]: r for r in rows}
+    print_rows(rows, a, peak)
     summary = {"rows": rows, "config": vars(a), "gemm_peak_gflops_per_s": peak}
     if "lamemo" in by and "xl" in by:
         t_ratio = statistics.median(  # per round: both ran within the same second or two
