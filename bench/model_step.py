@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    "$LAMEMO_REFERENCE_DIR)")
     p.add_argument("--reference-rounds", type=int, default=16,
                    help="alternating rounds (one step of each) for the side-by-side timing")
+    p.add_argument("--peak-size", type=int, default=2048,
+                   help="n of the n x n fp32 matmul that measures this machine's GEMM peak")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run for CI")
     p.add_argument("--json", help="write results to this JSON file")
     return p.parse_args(argv)
@@ -144,6 +146,21 @@ def bench_all(memories: list[str], a) -> list[dict]:
     return rows
 
 
+def gemm_peak(n: int, reps: int = 5) -> float:
+    """GFLOP/s of the best of `reps` n x n fp32 matmuls (torch.mm into a preallocated output)
+    at the current torch thread count: this machine's practical limit for the steps' GEMMs."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    torch.mm(x, y, out=out)  # warm-up: threads, caches
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(x, y, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
@@ -189,32 +206,44 @@ def versus_reference(memory: str, a, reference) -> dict:
             "reference_parameters": steps["theirs"].num_parameters}
 
 
+def print_rows(rows: list[dict], a, peak: float) -> None:
+    """The table of steps: time, rate, fraction of this machine's GEMM peak, memory, GEMMs."""
+    print(f"config: L={a.layers} d={a.d_model} H={a.heads}x{a.d_head} FFN={a.d_inner} "
+          f"N={a.seg_len} M={a.mem_len} B={a.batch} V={a.vocab} dropout={a.dropout} "
+          f"threads={a.threads} torch={torch.__version__}")
+    print(f"fp32 GEMM peak: {peak:.1f} GFLOP/s ({a.peak_size}x{a.peak_size} matmul, "
+          f"{a.threads} threads, best of 5 before and 5 after the steps)")
+    print(f"{'memory':8} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'of peak':>8} "
+          f"{'GFLOP/tok':>10} "
+          f"{'peak RSS MiB':>13} {'GEMM ms':>8} {'GEMM GF/s':>10} {'GEMM-bound tok/s':>17}")
+    for r in rows:
+        print(f"{r['memory']:8} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} "
+              f"{r['gflops_per_s']:8.1f} {r['fraction_of_peak']:8.0%} "
+              f"{r['flops_per_token'] / 1e9:10.4f} "
+              f"{r['peak_rss_mib']:13.0f} {r['gemm_s'] * 1e3:8.1f} "
+              f"{r['gemm_gflops_per_s']:10.1f} {r['gemm_ceiling_tokens_per_s']:17.0f}")
+    print("GEMM ms: the matrix multiplies of a profiled step; GEMM-bound tok/s: the rate if "
+          "everything else were free")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.tiny:
         a.layers, a.d_model, a.heads, a.d_head, a.d_inner = 2, 32, 2, 16, 64
         a.seg_len = a.mem_len = 16
         a.batch, a.steps, a.warmup, a.profile_steps = 2, 2, 1, 1
-        a.reference_rounds = 2
+        a.reference_rounds, a.peak_size = 2, 256
     torch.set_num_threads(a.threads)
+    peak_before = gemm_peak(a.peak_size)
     rows = bench_all(a.memories.split(","), a)
+    peak = max(peak_before, gemm_peak(a.peak_size))  # best of before and after the steps
     for r in rows:  # after every timing and RSS reading: the profiler's own memory is large
         gemm = r.pop("profile")()
-        r.update(gemm, gemm_ceiling_tokens_per_s=a.batch * a.seg_len / gemm["gemm_s"])
+        r.update(gemm, gemm_ceiling_tokens_per_s=a.batch * a.seg_len / gemm["gemm_s"],
+                 fraction_of_peak=r["gflops_per_s"] / peak)
     by = {r["memory"]: r for r in rows}
-    print(f"config: L={a.layers} d={a.d_model} H={a.heads}x{a.d_head} FFN={a.d_inner} "
-          f"N={a.seg_len} M={a.mem_len} B={a.batch} V={a.vocab} dropout={a.dropout} "
-          f"threads={a.threads} torch={torch.__version__}")
-    print(f"{'memory':8} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'GFLOP/tok':>10} "
-          f"{'peak RSS MiB':>13} {'GEMM ms':>8} {'GEMM GF/s':>10} {'GEMM-bound tok/s':>17}")
-    for r in rows:
-        print(f"{r['memory']:8} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} "
-              f"{r['gflops_per_s']:8.1f} {r['flops_per_token'] / 1e9:10.4f} "
-              f"{r['peak_rss_mib']:13.0f} {r['gemm_s'] * 1e3:8.1f} "
-              f"{r['gemm_gflops_per_s']:10.1f} {r['gemm_ceiling_tokens_per_s']:17.0f}")
-    print("GEMM ms: the matrix multiplies of a profiled step; GEMM-bound tok/s: the rate if "
-          "everything else were free")
-    summary = {"rows": rows, "config": vars(a)}
+    print_rows(rows, a, peak)
+    summary = {"rows": rows, "config": vars(a), "gemm_peak_gflops_per_s": peak}
     if "lamemo" in by and "xl" in by:
         t_ratio = statistics.median(  # per round: both ran within the same second or two
             lam / xl for lam, xl in zip(by["lamemo"]["step_times_s"], by["xl"]["step_times_s"]))

@@ -39,8 +39,15 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
     "mem_sweep": ("mem_sweep.py", ["--clamp-lens", "train,128"], "stdlib: xl and lamemo "
                   "evaluated with memory lengths 16-256 (trained with 64), unclamped and with "
                   "clamp_len 128"),
+    "scaling": ("scaling.py", [], "scaling curves: step time, eval tokens/s and peak memory "
+                "against M and N (lamemo / xl / none) with fitted exponents; checkpoint, "
+                "prepare and loader costs as they grow"),
 }
 
+
+# name -> a file in bench/ whose text (what the numbers mean, written by whoever ran the study)
+# opens that benchmark's section
+NOTES: dict[str, str] = {"scaling": "SCALING.md"}
 
 PLACES: dict[str, str] = {}  # machine path -> how RESULTS.md names it (set by main)
 
@@ -87,13 +94,13 @@ def run_one(name: str, tiny: bool, out_dir: Path, timeout: int) -> dict:
     if not path.is_file():
         return {"name": name, "what": what, "status": "missing", "error": f"{script} not found"}
     out = out_dir / f"{name}.json"
-    if script in ("quality.py", "mem_sweep.py"):
+    if script in ("quality.py", "mem_sweep.py", "scaling.py"):
         extra = [*extra, "--plots", str(out_dir)]
     cmd = [sys.executable, str(path), *extra, "--json", str(out)] + (["--tiny"] if tiny else [])
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     row = {"name": name, "what": what, "command": portable(" ".join(cmd[1:])),
-           "seconds": round(time.time() - t0, 1), "stdout": portable(proc.stdout[-4000:])}
+           "seconds": round(time.time() - t0, 1), "stdout": portable(proc.stdout[-8000:])}
     if proc.returncode != 0:
         row.update(status="failed", error=portable(proc.stderr[-4000:]))
     elif out.is_file():
@@ -152,12 +159,16 @@ def write_markdown(rows: list[dict], info: dict, sha: str, plots: list[str], pat
     if findings.is_file():
         lines += [findings.read_text().strip(), ""]
     for r in rows:
-        lines += [f"## {r['name']}: {r['what']}", "", f"status: **{r['status']}**"]
+        lines += [f"## {r['name']}: {r['what']}", ""]
+        notes = NOTES.get(r["name"])
+        if notes and (HERE / notes).is_file():
+            lines += [(HERE / notes).read_text().strip(), ""]
+        lines += [f"status: **{r['status']}**"]
         if "command" in r:
             took = f" ({r['seconds']} s)" if "seconds" in r else ""
             lines += ["", f"command: `python {r['command']}`{took}"]
         if r.get("stdout"):
-            lines += ["", "```", r["stdout"].strip()[-3000:], "```"]
+            lines += ["", "```", r["stdout"].strip()[-8000:], "```"]
         for p in (r.get("result") or {}).get("plots", []):
             lines += ["", f"![{p}]({p})"]
         if r.get("error") and r["status"] != "ok":
