@@ -98,7 +98,7 @@ def ckpt_point(p: dict) -> dict:
     init_distributed(DistEnv(master_port=_free_port()), backend="gloo")
     model = LaMemoLM(cfg.model)
     params = model.num_parameters()  # before ZeRO-3 partitions them away
-    engine = build_engine(model, cfg, resolve(cfg, World()), cuda=False).engine
+    engine = build_engine(model, cfg, resolve(cfg, World())).engine
     x = torch.randint(0, 256, (2, cfg.model.segment_len))
     engine.backward(engine(x, targets=x).loss)  # one step: the optimizer state exists
     engine.step()
