@@ -13,9 +13,17 @@ the best possible cost is log2(len(alphabet)) bits per key symbol. The random sp
 episodes keeps the streams that training reads side by side out of step with each other (with
 equal-length episodes every row of a batch would sit at the same point of its episode).
 
-The generator is seeded by (seed, split), so a split is a pure function of the options. The
-scoring side, `target_mask`, marks the recall key symbols of a token array, so evaluation can
-report the retrieval cost (bits per key symbol) apart from the rest of the text.
+With `pairs` = K (multi-query recall, the probe of Zoology's MQAR) an episode is instead
+
+    NAME=VALUE\n x K   filler...   the same K lines in random order   filler...
+
+names distinct within the episode, and every value asked for `gap` tokens after its first copy
+(each gap of the episode in [gap_min, gap_max]): K keys are pending when the first is asked for,
+and no marker says where a key is.
+
+The generator is seeded by (seed, split), so a split is a pure function of the options. It also
+says where the recalled key symbols are (`RecallSpec.scored`), so evaluation can report the
+retrieval cost (bits per key symbol) apart from the rest of the text, for either kind of episode.
 """
 
 from __future__ import annotations
