@@ -17,8 +17,6 @@ import subprocess
 import pytest
 from train_support import PY, REPO, env
 
-pytestmark = pytest.mark.slow
-
 CHANCE = 3.0  # log2 of the 8-symbol alphabet
 RECIPE = REPO / "configs" / "recall_multi.yaml"
 PREPARE = ("--recall-pairs", "2", "--recall-key-len", "2", "--recall-alphabet", "01234567",
@@ -32,6 +30,7 @@ def lamemo_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_memory_carries_pending_keys_across_segments(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     r = lamemo_cli("prepare", "--corpus", "recall", "--out", str(data), "--quiet",
@@ -49,3 +48,23 @@ def test_memory_carries_pending_keys_across_segments(tmp_path):
     assert bits["carried"] < 0.6 * CHANCE, bits
     assert bits["reset"] > 0.9 * CHANCE, bits
     assert bits["carried"] < bits["reset"] - 1.0, bits
+
+
+@pytest.mark.integration
+def test_quality_bench_sweeps_multi_query_recall_in_tiny_mode(tmp_path):
+    """bench/quality.py --corpus recall_multi: the data follows --pairs and --gap, and each
+    memory x seed run reports bits per key symbol (nothing is learned in tiny mode)."""
+    out = tmp_path / "q.json"
+    r = subprocess.run([PY, str(REPO / "bench" / "quality.py"), "--corpus", "recall_multi",
+                        "--pairs", "2", "--gap", "16-32", "--tiny", "--memories", "lamemo,none",
+                        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
+                        "--plots", str(tmp_path), "--json", str(out)],
+                       env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recall = json.loads((tmp_path / "data" / "manifest.json").read_text())["recall"]
+    assert (recall["pairs"], recall["gap_min"], recall["gap_max"]) == (2, 16, 32)
+    runs = json.loads(out.read_text())["runs"]
+    assert {(x["memory"], x["seed"]) for x in runs} == {(m, s) for m in ("lamemo", "none")
+                                                         for s in (1, 2)}
+    assert all(e["recall_bits"] > 0 for x in runs for e in x["evals"])
+    assert (tmp_path / "quality_recall_multi-k2-g16-32_curves.png").is_file()
