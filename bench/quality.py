@@ -8,7 +8,8 @@ the training wall time reached. Reported, as mean +- sd over seeds:
   (reset - carried, bits per token);
 - equal wall time: each model at the last evaluation inside the budget of the fastest model's
   whole run (the slower models have done fewer steps by then);
-- on the recall corpus (`--corpus recall`), the bits per recalled key symbol as well.
+- on the recall corpora (`--corpus recall`, `--corpus recall_multi`), the bits per recalled key
+  symbol as well.
 
 A gap is called "beyond noise" when the two means differ by more than twice the larger sd.
 Plots: training curves (train loss by step, valid bpc by training time) and valid bpc by segment
@@ -16,6 +17,7 @@ index with carried vs reset memory.
 
     python bench/quality.py                       # stdlib, 3 seeds (~15 min on a quiet 2-core CPU)
     python bench/quality.py --corpus recall       # configs/recall.yaml, 3 seeds (~8 min)
+    python bench/quality.py --corpus recall_multi --pairs 2 --gap 32-64  # recall_multi.yaml
     python bench/quality.py --init-std 0.02       # the reference's init (see bench/RESULTS.md)
     python bench/quality.py --tiny                # seconds, for CI
 """
@@ -43,7 +45,15 @@ DEFAULTS = {  # corpus -> (base config, data folder, overrides of the arguments 
                {"steps": 1500, "layers": 2, "d_model": 128, "heads": 4, "seg_len": 32,
                 "mem_len": 64, "batch": 16, "lr": 1e-3, "init_std": 0.088, "warmup": 100,
                 "eval_segments": 32}),
+    "recall_multi": ("configs/recall_multi.yaml", "data/recall_multi",
+                     {"steps": 8000, "layers": 2, "d_model": 128, "heads": 4, "seg_len": 32,
+                      "mem_len": 64, "batch": 16, "lr": 1e-3, "init_std": 0.088, "warmup": 100,
+                      "eval_segments": 64}),
 }
+# the corpus configs/recall_multi.yaml was tuned on; --pairs and --gap vary it for a sweep
+RECALL_MULTI = ("--split-sizes", "2000000,32768,32768", "--recall-key-len", "2",
+                "--recall-alphabet", "01234567", "--recall-filler", "so it goes ",
+                "--recall-spacing", "8")
 
 
 def parse_args(argv=None):
@@ -60,6 +70,9 @@ def parse_args(argv=None):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help="default: per corpus (see DEFAULTS in this file)")
     p.add_argument("--eval-points", type=int, default=6, help="evaluations per run")
+    p.add_argument("--pairs", type=int, default=4, help="recall_multi: keys pending at once")
+    p.add_argument("--gap", default="32-64", help="recall_multi: tokens from a key's first copy "
+                   "to its query, LO-HI")
     p.add_argument("--plots", default=str(REPO / "bench"), help="folder for the PNG plots")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", help="write the results here")
@@ -68,6 +81,8 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.tag = a.corpus + (f"-k{a.pairs}-g{a.gap}" if a.corpus == "recall_multi" else "")
+    data = data + a.tag[len(a.corpus):]
     a.base, a.data = base, a.data or (data + "-tiny" if a.tiny else data)
     if a.tiny:
         a.steps, a.layers, a.d_model, a.heads, a.batch = 12, 1, 32, 2, 2
@@ -88,6 +103,11 @@ def lamemo(*args: str, **kw) -> subprocess.CompletedProcess:
 def ensure_data(a) -> None:
     if (REPO / a.data / "manifest.json").is_file():
         return
+    if a.corpus == "recall_multi":
+        extra = [*RECALL_MULTI, "--recall-pairs", str(a.pairs), "--recall-gap", a.gap]
+        extra += ["--split-sizes", "200000,16384,16384"] if a.tiny else []
+        lamemo("prepare", "--corpus", "recall", "--out", a.data, "--quiet", *extra)
+        return
     if a.corpus == "recall":
         extra = ["--split-sizes", "200000,16384,16384"] if a.tiny else []
     else:
@@ -96,7 +116,7 @@ def ensure_data(a) -> None:
 
 
 def train_one(memory: str, seed: int, a) -> dict:
-    out = REPO / a.out / a.corpus / f"{memory}-seed{seed}"
+    out = REPO / a.out / a.tag / f"{memory}-seed{seed}"
     sets = {
         "model.vocab_size": 257, "model.n_layer": a.layers, "model.n_head": a.heads,
         "model.d_model": a.d_model, "model.d_head": a.d_model // a.heads,
@@ -176,7 +196,7 @@ NOISE = {True: "beyond noise: more than 2 sd", False: "within noise: less than 2
 
 
 def report(s: dict, a) -> str:
-    lines = [f"corpus {a.corpus}: L={a.layers} d={a.d_model} N={a.seg_len} M={a.mem_len} "
+    lines = [f"corpus {a.tag}: L={a.layers} d={a.d_model} N={a.seg_len} M={a.mem_len} "
              f"B={a.batch} lr={a.lr} init_std={a.init_std}, {a.steps} steps, seeds {a.seeds}; "
              "mean +- sd over seeds"]
     recall = any("recall_bits@steps" in r for r in s["models"].values())
@@ -215,7 +235,7 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"quality_{a.corpus}_curves.png", f"quality_{a.corpus}_by_segment.png"]
+    names = [f"quality_{a.tag}_curves.png", f"quality_{a.tag}_by_segment.png"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for i, m in enumerate(memories):
         mine = [r for r in runs if r["memory"] == m]
@@ -225,7 +245,7 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
         for r in mine:
             ax2.plot([e["train_seconds"] for e in r["evals"]], [e["bpc"] for e in r["evals"]],
                      color=f"C{i}", marker="o", ms=3, alpha=0.7, label=m if r is mine[0] else None)
-    ax1.set(xlabel="step", ylabel="train bpc (mean over seeds)", title=f"{a.corpus}: training")
+    ax1.set(xlabel="step", ylabel="train bpc (mean over seeds)", title=f"{a.tag}: training")
     ax2.set(xlabel="training seconds", ylabel="valid bpc (each seed)", title="valid by time")
     ax1.legend()
     fig.tight_layout()
@@ -239,7 +259,7 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
             ax.plot(range(n), ys, style, color=f"C{i}", marker="o", ms=3,
                     label=f"{m} ({'carried' if key == 'by_segment' else 'reset'})")
     ax.set(xlabel="segment index in stream (0: no memory yet)", ylabel="valid bpc",
-           title=f"{a.corpus}: memory carried (solid) vs reset (dashed)")
+           title=f"{a.tag}: memory carried (solid) vs reset (dashed)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(Path(a.plots) / names[1], dpi=110)

@@ -11,7 +11,7 @@ import pytest
 
 from lamemo_ds.data.corpora import CorpusError
 from lamemo_ds.data.manifest import load_manifest, open_tokens
-from lamemo_ds.data.recall import RECALL, RecallScorer, RecallSpec, recall_scorer, target_mask
+from lamemo_ds.data.recall import RECALL, RecallScorer, RecallSpec, recall_scorer
 from lamemo_ds.data.streams import OrderedStreams
 
 pytestmark = pytest.mark.unit
@@ -67,6 +67,14 @@ def test_keys_are_recalled_gap_tokens_later_and_seeded(tmp_path, lamemo):
     (("--recall-episodes", "0"), "--recall-episodes 0"),
     (("--recall-spacing", "-1"), "--recall-spacing -1"),
     (("--tokenizer", "word"), "one token per character"),
+    (("--recall-pairs", "0"), "--recall-pairs 0"),
+    (("--recall-pairs", "4", "--recall-names", "ABC"), "needs 4 distinct"),
+    (("--recall-pairs", "2", "--recall-names", "AA"), "needs 2 distinct"),
+    (("--recall-pairs", "2", "--recall-names", "A1"), "uses ['1']"),
+    (("--recall-pairs", "2", "--recall-filler", "x=y"), "uses ['=']"),
+    (("--recall-pairs", "4", "--recall-key-len", "2", "--recall-gap", "10-34"), ">= 35"),
+    (("--recall-pairs", "4", "--recall-key-len", "2", "--recall-gap", "40-60"),
+     "HI - LO >= 30"),
 ])
 def test_knobs_that_cannot_work_are_refused_before_writing(tmp_path, lamemo, flags, says):
     r = prepare(lamemo, tmp_path / "out", *flags)
@@ -82,10 +90,15 @@ def test_char_tokenizer_allows_other_alphabets(tmp_path, lamemo):
     assert scorer.mask.sum() > 0 and scorer.spec.bits_per_symbol == pytest.approx(2.0)
 
 
-def test_target_mask_marks_the_key_after_each_recall_marker():
-    toks = np.array([9, 1, 2, 7, 5, 5, 7, 3])  # 7 = the recall marker
-    assert target_mask(toks, 7, 2).tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
-    assert not target_mask(toks, 8, 2).any()
+def test_generator_marks_the_key_after_each_recall_marker():
+    """Single-key episodes: the generator's own positions are the key_len symbols after `?`."""
+    spec = RecallSpec(gap_min=12, gap_max=20, key_len=3, alphabet="abc")
+    text = "".join(text + "\0" for text, _ in spec._texts("valid", 3000))  # \0: the EOS
+    mask = spec.scored("valid", 3000)
+    marks = [m.start() for m in re.finditer(re.escape(RECALL), text)]
+    want = sorted(m + j for m in marks for j in range(1, 4))
+    assert len(marks) > 10 and np.flatnonzero(mask).tolist() == want
+    assert len(mask) == len(text)
 
 
 def test_scorer_selects_recall_targets_of_stream_batches(tmp_path, lamemo):
@@ -115,3 +128,52 @@ def test_other_corpora_have_no_scorer(corpus):
     assert recall_scorer(str(corpus), "valid") is None
     with pytest.raises(CorpusError, match="not prepared with --corpus recall"):
         RecallScorer(str(corpus), "valid")
+
+
+MULTI = ("--recall-pairs", "4", "--recall-key-len", "2", "--recall-alphabet", "01234567",
+         "--recall-gap", "32-64", "--recall-filler", "so it goes ", "--recall-spacing", "8")
+LINE = re.compile(r"([A-Z])=([0-7]{2})\n")
+
+
+def episodes_of(text: str, pairs: int):
+    """[(write lines, query lines with their text offsets)] per episode of a multi-query text."""
+    lines = [(m.start(), m.group(1), m.group(2)) for m in LINE.finditer(text)]
+    assert len(lines) % (2 * pairs) == 0
+    return [(lines[i:i + pairs], lines[i + pairs:i + 2 * pairs])
+            for i in range(0, len(lines), 2 * pairs)]
+
+
+def test_multi_query_pairs_pending_random_order_gap_in_range(tmp_path, lamemo):
+    r = prepare(lamemo, tmp_path / "m", *MULTI)
+    assert r.returncode == 0, r.stderr
+    text = text_of(tmp_path / "m", "valid")
+    assert "#" not in text and "?" not in text  # no project markers: key=value among words
+    orders, gaps = set(), []
+    for writes, queries in episodes_of(text, 4):
+        # four keys pending at once: all written (distinct names) before any is asked for
+        assert len({n for _, n, _ in writes}) == 4 and writes[-1][0] < queries[0][0]
+        assert {(n, v) for _, n, v in writes} == {(n, v) for _, n, v in queries}
+        first = {n: at for at, n, _ in writes}
+        gaps += [at - first[n] for at, n, _ in queries]
+        orders.add(tuple(n for _, n, _ in queries) == tuple(n for _, n, _ in writes))
+    assert orders == {True, False}  # queries in random order, sometimes the written one
+    assert min(gaps) >= 32 and max(gaps) <= 64 and len(set(gaps)) > 20
+    # the scorer marks exactly the value symbols of the queries
+    mask = RecallScorer(str(tmp_path / "m"), "valid").mask
+    toks = np.asarray(open_tokens(tmp_path / "m", "valid"))
+    want = [at + 2 + j for _, queries in episodes_of(text_of(tmp_path / "m", "valid"), 4)
+            for at, _, _ in queries for j in range(2)]
+    body = np.flatnonzero(toks < 256)  # the text's token positions (EOS left out)
+    assert body[want].tolist() == np.flatnonzero(mask).tolist()
+
+
+def test_multi_query_is_seeded_and_old_recipes_unchanged(tmp_path, lamemo):
+    assert prepare(lamemo, tmp_path / "a", *MULTI).returncode == 0
+    assert prepare(lamemo, tmp_path / "b", *MULTI).returncode == 0
+    assert prepare(lamemo, tmp_path / "c", *MULTI, "--recall-seed", "3").returncode == 0
+    a = text_of(tmp_path / "a", "train")
+    assert a == text_of(tmp_path / "b", "train") != text_of(tmp_path / "c", "train")
+    assert load_manifest(tmp_path / "a")["recall"]["pairs"] == 4
+    # single-key recipes keep their manifest keys (and so their folders) as before
+    assert prepare(lamemo, tmp_path / "s").returncode == 0
+    assert "pairs" not in load_manifest(tmp_path / "s")["options"]["recall"]

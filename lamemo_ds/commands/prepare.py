@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recall-spacing", type=int, default=16,
                    help="at most this many filler tokens after an episode (random)")
     g.add_argument("--recall-seed", type=int, default=0, help="generator seed")
+    g.add_argument("--recall-pairs", type=int, default=None, help="multi-query recall: K keys "
+                   "pending at once, written as NAME=VALUE lines and queried again in random "
+                   "order, each --recall-gap tokens later (default: single #KEY episodes)")
+    g.add_argument("--recall-names", default="ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                   help="with --recall-pairs: the symbols a key's name is drawn from")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="overwrite an existing prepared folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -162,7 +167,8 @@ def _recall_spec(args: argparse.Namespace):
     return RecallSpec(gap_min=lo, gap_max=hi, key_len=args.recall_key_len,
                       alphabet=args.recall_alphabet, filler=args.recall_filler,
                       episodes=args.recall_episodes, spacing=args.recall_spacing,
-                      seed=args.recall_seed).check(args.tokenizer)
+                      seed=args.recall_seed, pairs=args.recall_pairs,
+                      names=args.recall_names).check(args.tokenizer)
 
 
 def _report(m: dict, out: str, wrote: bool) -> None:

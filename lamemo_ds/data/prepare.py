@@ -288,6 +288,8 @@ def _options_json(o: PrepareOptions) -> dict:
     for key in ("tokenizer_file", "eos_token"):  # absent when unset: older folders still match
         if opts[key] is None:
             del opts[key]
+    if opts["recall"] and opts["recall"]["pairs"] is None:  # single-key recall, as before
+        del opts["recall"]["pairs"], opts["recall"]["names"]
     if o.tokenizer_file is not None and Path(o.tokenizer_file).is_file():
         opts["tokenizer_file_sha256"] = hashlib.sha256(
             Path(o.tokenizer_file).read_bytes()).hexdigest()

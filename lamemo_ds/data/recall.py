@@ -13,9 +13,17 @@ the best possible cost is log2(len(alphabet)) bits per key symbol. The random sp
 episodes keeps the streams that training reads side by side out of step with each other (with
 equal-length episodes every row of a batch would sit at the same point of its episode).
 
-The generator is seeded by (seed, split), so a split is a pure function of the options. The
-scoring side, `target_mask`, marks the recall key symbols of a token array, so evaluation can
-report the retrieval cost (bits per key symbol) apart from the rest of the text.
+With `pairs` = K (multi-query recall, the probe of Zoology's MQAR) an episode is instead
+
+    NAME=VALUE\n x K   filler...   the same K lines in random order   filler...
+
+names distinct within the episode, and every value asked for `gap` tokens after its first copy
+(each gap of the episode in [gap_min, gap_max]): K keys are pending when the first is asked for,
+and no marker says where a key is.
+
+The generator is seeded by (seed, split), so a split is a pure function of the options. It also
+says where the recalled key symbols are (`RecallSpec.scored`), so evaluation can report the
+retrieval cost (bits per key symbol) apart from the rest of the text, for either kind of episode.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 from .corpora import SPLITS, Corpus, CorpusError, Document
 
 WRITE, RECALL, END = "#", "?", "\n"  # markers: first copy, recall, end of a key
+SEP = "="  # multi-query recall: between a key's name and its value
 DEFAULT_SIZES = (4_000_000, 131_072, 131_072)  # tokens per split (train, valid, test)
 
 
@@ -43,6 +52,10 @@ class RecallSpec:
     episodes: int = 16
     spacing: int = 16
     seed: int = 0
+    pairs: int | None = None
+    """Multi-query recall: keys pending at once (None: the single-key `#KEY` episodes)."""
+    names: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    """Multi-query recall: the symbols a key's name is drawn from (distinct in an episode)."""
 
     @property
     def bits_per_symbol(self) -> float:
@@ -57,7 +70,7 @@ class RecallSpec:
         if self.key_len < 1:
             bad(f"--recall-key-len {self.key_len}: must be >= 1")
         least = self.key_len + 2
-        if self.gap_min < least:
+        if self.gap_min < least and self.pairs is None:
             bad(f"--recall-gap {self.gap_min}: a key symbol's two copies are at least key_len + 2 "
                 f"= {least} tokens apart (the key, its end and the recall marker lie between); "
                 f"use a gap >= {least}, larger than the training segment length")
@@ -71,13 +84,7 @@ class RecallSpec:
             bad(f"--recall-alphabet {self.alphabet!r}: repeats a symbol; list each once")
         if not self.filler:
             bad("--recall-filler is empty: give at least one character")
-        markers = set(WRITE + RECALL + END)
-        for name, text, other in (("alphabet", self.alphabet, self.filler),
-                                  ("filler", self.filler, self.alphabet)):
-            clash = sorted((set(text) & markers) | (set(text) & set(other)))
-            if clash:
-                bad(f"--recall-{name} {text!r} uses {clash}: the markers {sorted(markers)!r} and "
-                    "the other knob's characters must not appear in it")
+        self._check_symbols(bad)
         if tokenizer not in ("byte", "char"):
             bad(f"--tokenizer {tokenizer}: the recall corpus needs one token per character "
                 "(use byte or char)")
@@ -88,29 +95,111 @@ class RecallSpec:
             bad(f"--recall-episodes {self.episodes}: must be >= 1")
         if self.spacing < 0:
             bad(f"--recall-spacing {self.spacing}: must be >= 0")
+        if self.pairs is not None:
+            self._check_pairs(bad)
         return self
 
-    def episode(self, rng: np.random.Generator) -> str:
-        """One episode's text: `#KEY\\n`, filler, `?KEY\\n` with every symbol `gap` apart, then
-        0..spacing filler tokens."""
+    def _check_symbols(self, bad) -> None:
+        """Markers, key symbols, names and filler are pairwise disjoint."""
+        multi = self.pairs is not None
+        markers = set(SEP + END) if multi else set(WRITE + RECALL + END)
+        knobs = [("alphabet", self.alphabet), ("filler", self.filler)]
+        knobs += [("names", self.names)] if multi else []
+        for name, text in knobs:
+            others = set().union(*(set(t) for n, t in knobs if n != name))
+            clash = sorted((set(text) & markers) | (set(text) & others))
+            if clash:
+                bad(f"--recall-{name} {text!r} uses {clash}: the markers {sorted(markers)!r} and "
+                    "the other knobs' characters must not appear in it")
+
+    def _check_pairs(self, bad) -> None:
+        """K pairs fit the names, and a fill exists that puts every gap in [gap_min, gap_max]."""
+        k, line = self.pairs, self.line_len
+        if k < 1:
+            bad(f"--recall-pairs {k}: must be >= 1")
+        if len(set(self.names)) < k or len(set(self.names)) != len(self.names):
+            bad(f"--recall-names {self.names!r}: needs {k} distinct symbols (one name per pending "
+                f"pair), each listed once; give more names or fewer --recall-pairs")
+        if self.gap_max < line * (2 * k - 1):
+            bad(f"--recall-gap {self.gap_min}-{self.gap_max}: with {k} pairs of {line}-token "
+                f"lines the last query can lie {line * (2 * k - 1)} tokens after its pair; "
+                f"use a gap whose upper end is >= {line * (2 * k - 1)}")
+        if self.gap_max - self.gap_min < line * (2 * k - 2):
+            bad(f"--recall-gap {self.gap_min}-{self.gap_max}: queries in random order spread "
+                f"the gaps of {k} pairs of {line}-token lines over {line * (2 * k - 2)} tokens; "
+                f"widen the range to HI - LO >= {line * (2 * k - 2)} or use fewer --recall-pairs")
+
+    def episode(self, rng: np.random.Generator) -> tuple[str, list[int]]:
+        """One episode's text and the offsets in it of the recalled key symbols."""
+        return self._multi(rng) if self.pairs is not None else self._single(rng)
+
+    def _single(self, rng: np.random.Generator) -> tuple[str, list[int]]:
+        """`#KEY\\n`, filler, `?KEY\\n` with every symbol `gap` apart, then 0..spacing filler."""
         key = "".join(rng.choice(list(self.alphabet), size=self.key_len))
         gap = int(rng.integers(self.gap_min, self.gap_max + 1))
         fill = gap - self.key_len - 2  # tokens between the first copy's END and RECALL
         after = int(rng.integers(0, self.spacing + 1))
-        return f"{WRITE}{key}{END}{self._fill(fill)}{RECALL}{key}{END}{self._fill(after)}"
+        text = f"{WRITE}{key}{END}{self._fill(fill)}{RECALL}{key}{END}{self._fill(after)}"
+        at = 1 + self.key_len + 1 + fill + 1  # the recalled copy's first symbol
+        return text, list(range(at, at + self.key_len))
+
+    def _multi(self, rng: np.random.Generator) -> tuple[str, list[int]]:
+        """`pairs` lines `NAME=VALUE\\n`, filler, the same lines in a random order, filler.
+
+        Pair i is written in line i and queried in line K + order[i] (K = pairs, lines L tokens
+        long), so its gap is fill + L * (K + order[i] - i); `fill` is drawn so that every gap
+        of the episode lies in [gap_min, gap_max] (`check` makes sure one exists).
+        """
+        k, line = self.pairs, self.line_len
+        names = rng.choice(list(self.names), size=k, replace=False)
+        values = ["".join(rng.choice(list(self.alphabet), size=self.key_len)) for _ in range(k)]
+        order = rng.permutation(k)  # pair i is the order[i]-th query
+        off = [line * (k + int(order[i]) - i) for i in range(k)]
+        fill = int(rng.integers(max(0, self.gap_min - min(off)), self.gap_max - max(off) + 1))
+        after = int(rng.integers(0, self.spacing + 1))
+        lines = [f"{n}{SEP}{v}{END}" for n, v in zip(names, values)]
+        queries = [lines[i] for i in np.argsort(order)]
+        text = "".join(lines) + self._fill(fill) + "".join(queries) + self._fill(after)
+        first = k * line + fill + 2  # the first query's first value symbol
+        marks = [first + q * line + j for q in range(k) for j in range(self.key_len)]
+        return text, marks
+
+    @property
+    def line_len(self) -> int:
+        """Tokens of one `NAME=VALUE\\n` line."""
+        return 1 + len(SEP) + self.key_len + 1
 
     def _fill(self, n: int) -> str:
         return (self.filler * (n // len(self.filler) + 1))[:n]
 
+    def _texts(self, split: str, tokens: int) -> Iterator[tuple[str, list[int]]]:
+        """(text, offsets of its recalled key symbols) per document, about `tokens` in all."""
+        rng = np.random.default_rng([self.seed, SPLITS.index(split)])
+        written = 0
+        while written < tokens:
+            text, marks = "", []
+            for _ in range(self.episodes):
+                t, m = self.episode(rng)
+                marks += [len(text) + i for i in m]
+                text += t
+            written += len(text) + 1  # + EOS
+            yield text, marks
+
     def documents(self, split: str, tokens: int) -> Iterator[Document]:
         """Documents of `split` until about `tokens` characters are written."""
-        rng = np.random.default_rng([self.seed, SPLITS.index(split)])
-        written, i = 0, 0
-        while written < tokens:
-            text = "".join(self.episode(rng) for _ in range(self.episodes))
-            written += len(text) + 1  # + EOS
+        for i, (text, _) in enumerate(self._texts(split, tokens)):
             yield Document(f"recall-{split}-{i:07d}", iter([text]))
-            i += 1
+
+    def scored(self, split: str, tokens: int) -> np.ndarray:
+        """[T] bool over the split's tokens (one per character, EOS after each document): True
+        at every recalled key symbol. The generator itself says where they are, so the text
+        needs no marker for the scorer to find them."""
+        masks = []
+        for text, marks in self._texts(split, tokens):
+            m = np.zeros(len(text) + 1, dtype=np.bool_)
+            m[marks] = True
+            masks.append(m)
+        return np.concatenate(masks) if masks else np.zeros(0, dtype=np.bool_)
 
 
 def parse_gap(text: str) -> tuple[int, int]:
@@ -138,34 +227,28 @@ def spec_from_manifest(manifest: dict) -> RecallSpec | None:
     return RecallSpec(**info) if info else None
 
 
-def target_mask(tokens: np.ndarray, recall_id: int, key_len: int) -> np.ndarray:
-    """[T] bool: True at every recall key symbol (the key_len tokens after each RECALL marker)."""
-    mask = np.zeros(len(tokens), dtype=np.bool_)
-    marks = np.flatnonzero(np.asarray(tokens) == recall_id)
-    for j in range(1, key_len + 1):
-        pos = marks + j
-        mask[pos[pos < len(mask)]] = True
-    return mask
-
-
 class RecallScorer:
-    """`target_mask` for evaluation: which targets of a stream batch are recall key symbols.
+    """The evaluation's target mask: which targets of a stream batch are recall key symbols.
 
-    Built from a prepared recall folder (its manifest says the key length; the tokenizer gives
-    the marker's id); called with a `Batch`, returns [R, N] bool over its targets.
+    Built from a prepared recall folder (its manifest holds the generator's knobs, so the
+    generator says again where the recalled symbols are); called with a `Batch`, returns
+    [R, N] bool over its targets.
     """
 
     def __init__(self, data_dir: str, split: str, manifest: dict | None = None):
         from .manifest import load_manifest, open_tokens
-        from .tokenizer import load_tokenizer
 
         manifest = load_manifest(data_dir) if manifest is None else manifest
         self.spec = spec_from_manifest(manifest)
         if self.spec is None:
             raise CorpusError(f"{data_dir} was not prepared with --corpus recall")
-        (marker,) = load_tokenizer(data_dir).encode(RECALL)
-        tokens = open_tokens(data_dir, split, verify_sha=False)
-        self.mask = target_mask(np.asarray(tokens), marker, self.spec.key_len)
+        sizes = manifest["options"]["sizes"]
+        self.mask = self.spec.scored(split, sizes[SPLITS.index(split)])
+        tokens = len(open_tokens(data_dir, split, verify_sha=False))
+        if len(self.mask) != tokens:
+            raise CorpusError(f"{data_dir}: its {split} split holds {tokens} tokens, the recall "
+                              f"generator writes {len(self.mask)} for its manifest; prepare it "
+                              "again with --force")
 
     def __call__(self, batch):
         import torch
