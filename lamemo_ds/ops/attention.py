@@ -255,6 +255,8 @@ class _ScoresSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ac, bd, allowed, shift: str, offset: int, acc: torch.dtype):
+        if shift not in ("causal", "band", "none"):
+            raise ValueError(f"shift={shift!r}: expected causal, band or none")
         scores = ac if ac.dtype == acc else ac.to(acc)
         bd_acc = None if bd is None else (bd if bd.dtype == acc else bd.to(acc))
         if shift == "causal":
