@@ -56,7 +56,7 @@ def test_per_head_positions_is_the_per_head_product():
     assert got.stride()[-2:] == (7, 1)  # each [T, X] block contiguous, as the shifts need
 
 
-@pytest.mark.parametrize("shift", ["causal", "lookahead"])
+@pytest.mark.parametrize("shift", ["causal", "band"])
 def test_position_gradient_is_right_in_any_layout(shift):
     """The score softmax returns d(bd) in bd's own layout when that is dense with contiguous
     [T, X] blocks (heads-first here) and row-major otherwise (a broadcast bd)."""
@@ -70,7 +70,11 @@ def test_position_gradient_is_right_in_any_layout(shift):
     allowed[..., -1] = True  # no empty row
     w = torch.randn(b, h, t, k, dtype=torch.float64)
     grads = []
-    for bd in (bd_rows, heads_first, broadcast.contiguous(), broadcast):
+    layouts = (bd_rows, heads_first, broadcast.contiguous(), broadcast)
+    if shift == "band":  # the look-ahead band: [B, H, blocks=1, T, L]
+        layouts = tuple(x.unsqueeze(2) for x in layouts)
+        heads_first = layouts[1]
+    for bd in layouts:
         bd = bd.detach().requires_grad_()  # a stride-0 leaf for the broadcast one
         probs, lse = attention._ScoresSoftmax.apply(ac.clone(), bd, allowed, shift, 2,
                                                     torch.float64)

@@ -11,12 +11,16 @@ Index tricks (named, pure, tested against loops in tests/test_index_tricks.py):
                       that column j holds distance M + t - j;
   causal_mask       — causal-with-memory (+ invalid memory rows, + same_length window);
   lookahead_index   — which table entry each (memory query, window key) pair uses;
+  lookahead_band    — the same entries, block by block of memory rows: each block multiplies
+                      only the table rows it reaches, so the look-ahead position term costs
+                      O(M * N) (tests/test_ops_lookahead_band.py: equal to the full product);
   lookahead_mask    — the look-right mask of the window (+ invalid rows).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,25 +50,94 @@ def add_rel_shifted_(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def add_lookahead_shifted_(scores: torch.Tensor, x: torch.Tensor, *,
-                           window_start: int) -> torch.Tensor:
-    """scores[.., i, w] += x[.., i, p - i - 1] with p = window_start + w, in place, no copies.
+class LookaheadBand(NamedTuple):
+    """Which table rows the look-ahead BD term multiplies, block by block of memory rows.
 
-    x [.., M, M] holds (q_i + v') . R(x+1) for x = 0..M-1. Element (i, p-i-1) of x is element
-    (window_start - 1) + i(M-1) + w of x flattened: columns 0..W-2 are a contiguous block viewed
-    with row stride M-1, and the last column (p = M, the first current token) is a slice of
-    stride M-1. Pairs with p <= i read unrelated values; lookahead_mask masks them.
+    Memory row i = b*rows + a (block b) and window column w use the table key
+    k = base + w - i (base = window_start - 1: index p-i-1; unmasked_window: window_start,
+    the signed distance p-i). Block b multiplies its rows by `length` consecutive keys from
+    base - b*rows - offset, so (a, w) reads band column offset + w - a. `index` [blocks*length]
+    gives the table row of every key (the table's length for "no row": a zero row, or None when
+    the band is the whole table as it is); `offset` is also the flat position of (0, 0) in a
+    block's [rows, length] band, which makes the aligned term a strided view (band_pairs).
     """
-    *lead, m, xlen = x.shape
-    w = scores.shape[-1]
-    start = window_start - 1
-    flat = x.reshape(*lead, m * xlen)
-    if w > 1:
-        body = flat[..., start:start + m * (xlen - 1)].view(*lead, m, xlen - 1)[..., : w - 1]
-        scores[..., : w - 1] += body
-    last = flat[..., m - 1:m - 1 + m * (xlen - 1):xlen - 1] if xlen > 1 else flat[..., :1]
-    scores[..., w - 1] += last
-    return scores
+
+    rows: int
+    blocks: int
+    length: int
+    offset: int
+    index: torch.Tensor | None
+
+
+def lookahead_band(*, mem_len: int, window_start: int, window_len: int, table_len: int,
+                   variant: str, block_rows: int | None = None, device=None) -> LookaheadBand:
+    """The band plan: one block over the whole table while that is no longer than a band of
+    window_len + rows - 1 keys (masked variants, M < 2N), else blocks of `block_rows`
+    (default W) rows, so work and memory are O(M * (W + rows)) instead of O(M * X)."""
+    rows = block_rows or window_len
+    signed = variant == "unmasked_window"
+    if block_rows is None and not signed and table_len <= window_len + rows - 1:
+        # masked: key k is table row k, keys < 0 are masked, keys <= M-1 < X: no index
+        return LookaheadBand(rows=mem_len, blocks=1, length=table_len,
+                             offset=window_start - 1, index=None)
+    blocks = -(-mem_len // rows)
+    length = window_len + rows - 1
+    base = window_start if signed else window_start - 1
+    start = base - rows + 1 - rows * torch.arange(blocks, device=device)  # [blocks]
+    keys = start[:, None] + torch.arange(length, device=device)[None, :]  # [blocks, L]
+    row = keys.abs() if signed else keys
+    row = torch.where((row >= 0) & (row < table_len), row, table_len)
+    return LookaheadBand(rows=rows, blocks=blocks, length=length, offset=rows - 1,
+                         index=row.reshape(-1))
+
+
+def banded_positions(x: torch.Tensor, r: torch.Tensor, band: LookaheadBand) -> torch.Tensor:
+    """x [B,H,M,D] times each block's band of the table r [X,H,D]: [B,H,blocks,rows,L].
+
+    One GEMM per (head, block) over the block's B*rows query rows, heads-first in memory like
+    per_head_positions (each [rows, L] block contiguous, as band_pairs needs).
+    """
+    if band.index is None:
+        return per_head_positions(x, r).unsqueeze(2)  # [B,H,1,M,X]
+    b, h, m, d = x.shape
+    nb, rows, length = band.blocks, band.rows, band.length
+    qr = F.pad(x.transpose(0, 1), (0, 0, 0, nb * rows - m))  # [H,B,nb*rows,D], zero rows
+    qr = qr.view(h, b, nb, rows, d).transpose(1, 2).reshape(h * nb, b * rows, d)
+    table = F.pad(r, (0, 0, 0, 0, 0, 1)).transpose(0, 1)  # [H,X+1,D], last row zero
+    table = table.index_select(1, band.index).view(h * nb, length, d)  # [H*nb, L, D]
+    out = torch.bmm(qr, table.transpose(1, 2))  # [H*nb, B*rows, L]
+    return out.view(h, nb, b, rows, length).permute(2, 0, 1, 3, 4)  # [B,H,nb,rows,L]
+
+
+def band_pairs(scores: torch.Tensor, x: torch.Tensor, *, offset: int):
+    """(aligned view of x, the scores it adds to) pairs covering scores [.., M, W] once.
+
+    x [.., blocks, rows, L] with unit column stride and row stride L: entry (a, w) of a block
+    is flat element offset + a(L-1) + w of its [rows, L] block, a strided view (no copy). When
+    L-1 < W one element can serve two pairs, so the last column is then its own view, keeping
+    every view free of self-overlap (gradients accumulate into them in place).
+    """
+    *lead, nb, rows, length = x.shape
+    m, w = scores.shape[-2:]
+    full, rest = divmod(m, rows)
+    cols = [(0, w)] if length - 1 >= w or rows == 1 else [(0, w - 1), (w - 1, w)]
+    pairs = []
+    for c0, c1 in cols:
+        if c1 == c0:
+            continue
+        view = x.as_strided((*lead, nb, rows, c1 - c0),
+                            (*x.stride()[:-2], length - 1, 1), x.storage_offset() + offset + c0)
+        if full:
+            pairs.append((view[..., :full, :, :],
+                          scores[..., : full * rows, c0:c1].unflatten(-2, (full, rows))))
+        if rest:
+            pairs.append((view[..., full, :rest, :], scores[..., full * rows:, c0:c1]))
+    return pairs
+
+
+def _band_ready(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each [rows, L] block is contiguous (as band_pairs reads it), else a copy."""
+    return x if x.stride()[-2:] == (x.shape[-1], 1) else x.contiguous()
 
 
 def causal_mask(valid: torch.Tensor, *, mem_len: int, seg_len: int,
@@ -154,21 +227,12 @@ def _scatter_rel_shifted(d: torch.Tensor, bd_shape: torch.Size,
     return out
 
 
-def _scatter_lookahead_shifted(d: torch.Tensor, bd_shape: torch.Size,
-                               bd_stride: tuple[int, ...] | None, *,
-                               window_start: int) -> torch.Tensor:
-    """Gradient of `add_lookahead_shifted_` w.r.t. x (the two views may share one element)."""
-    *lead, m, xlen = bd_shape
-    w = d.shape[-1]
-    out, g = _grad_buffer(d, bd_shape, bd_stride, zero=True)
-    if w > 1:
-        start = window_start - 1
-        g[..., start:start + m * (xlen - 1)].view(*lead, m, xlen - 1)[..., : w - 1] += \
-            d[..., : w - 1]
-    if xlen > 1:
-        g[..., m - 1:m - 1 + m * (xlen - 1):xlen - 1] += d[..., w - 1]
-    else:
-        g[..., :1] += d[..., w - 1]  # M = 1: one row, one distance
+def _scatter_band(d: torch.Tensor, bd_shape: torch.Size, bd_stride: tuple[int, ...] | None, *,
+                  offset: int) -> torch.Tensor:
+    """Gradient of the band add (band_pairs) w.r.t. the band: zero where no score reads it."""
+    out, _ = _grad_buffer(d, bd_shape, bd_stride, zero=True)
+    for band, dd in band_pairs(d, out, offset=offset):
+        band += dd
     return out
 
 
@@ -184,19 +248,22 @@ class _ScoresSoftmax(torch.autograd.Function):
     One autograd node instead of a chain of shift/mask/logsumexp/exp ops: the forward works in
     place in one buffer (the probabilities overwrite the scores), only the probabilities are
     saved, and the backward writes the position-term gradient straight into bd's layout.
-    shift: "causal" (add_rel_shifted_), "lookahead" (add_lookahead_shifted_) or "none" (bd
-    already aligned with ac, or None).
+    shift: "causal" (add_rel_shifted_), "band" (the look-ahead band, band_pairs at `offset`) or
+    "none" (bd already aligned with ac, or None).
     Backward: d scores = p * (dp - sum(dp * p) + dlse).
     """
 
     @staticmethod
-    def forward(ctx, ac, bd, allowed, shift: str, window_start: int, acc: torch.dtype):
+    def forward(ctx, ac, bd, allowed, shift: str, offset: int, acc: torch.dtype):
+        if shift not in ("causal", "band", "none"):
+            raise ValueError(f"shift={shift!r}: expected causal, band or none")
         scores = ac if ac.dtype == acc else ac.to(acc)
         bd_acc = None if bd is None else (bd if bd.dtype == acc else bd.to(acc))
         if shift == "causal":
             add_rel_shifted_(scores, bd_acc)
-        elif shift == "lookahead":
-            add_lookahead_shifted_(scores, bd_acc, window_start=window_start)
+        elif shift == "band":
+            for band, sc in band_pairs(scores, _band_ready(bd_acc), offset=offset):
+                sc += band
         elif bd_acc is not None:
             scores += bd_acc
         scores.add_(_mask_bias(allowed, acc))  # float add: bool kernels are scalar here
@@ -209,13 +276,13 @@ class _ScoresSoftmax(torch.autograd.Function):
             ctx.mark_dirty(ac)
         ctx.save_for_backward(probs)
         bd_meta = None if bd is None else (bd.shape, _grad_layout(bd), bd.dtype)
-        ctx.meta = (shift, window_start, ac.dtype, bd_meta)
+        ctx.meta = (shift, offset, ac.dtype, bd_meta)
         return probs, lse
 
     @staticmethod
     def backward(ctx, d_probs, d_lse):
         (probs,) = ctx.saved_tensors
-        shift, window_start, ac_dtype, bd_meta = ctx.meta
+        shift, offset, ac_dtype, bd_meta = ctx.meta
         if d_probs is None:
             d_probs = torch.zeros_like(probs)
         inner = (d_probs * probs).sum(-1, keepdim=True)
@@ -227,8 +294,8 @@ class _ScoresSoftmax(torch.autograd.Function):
             shape, stride, dtype = bd_meta
             if shift == "causal":
                 d_bd = _scatter_rel_shifted(d, shape, stride)
-            elif shift == "lookahead":
-                d_bd = _scatter_lookahead_shifted(d, shape, stride, window_start=window_start)
+            elif shift == "band":
+                d_bd = _scatter_band(d, shape, stride, offset=offset)
             else:
                 d_bd = d
             d_bd = d_bd.to(dtype)
@@ -237,10 +304,10 @@ class _ScoresSoftmax(torch.autograd.Function):
 
 def _attend(ac: torch.Tensor, bd: torch.Tensor | None, allowed: torch.Tensor, v: torch.Tensor,
             dropatt: float, training: bool, *, shift: str,
-            window_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention over ac + shift(bd): (output, logsumexp in >= fp32)."""
     acc = torch.float64 if ac.dtype == torch.float64 else torch.float32
-    probs, lse = _ScoresSoftmax.apply(ac, bd, allowed, shift, window_start, acc)
+    probs, lse = _ScoresSoftmax.apply(ac, bd, allowed, shift, offset, acc)
     probs = probs.to(v.dtype)
     if dropatt > 0 and training:
         probs = F.dropout(probs, p=dropatt, training=True)
@@ -285,13 +352,9 @@ def lookahead_attention(q, k, v, r, u, vb, *, valid, mem_len: int, window_start:
     w, d = k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     ac = ((q + u[None, :, None, :]) * scale) @ k.transpose(-1, -2)  # [B,H,M,W]
-    bd_full = per_head_positions((q + vb[None, :, None, :]) * scale, r)  # [B,H,M,X]
+    band = lookahead_band(mem_len=mem_len, window_start=window_start, window_len=w,
+                          table_len=r.shape[0], variant=variant, device=q.device)
+    bd = banded_positions((q + vb[None, :, None, :]) * scale, r, band)  # [B,H,nb,rows,L]
     allowed = lookahead_mask(valid, mem_len=mem_len, window_start=window_start, window_len=w,
                              variant=variant)
-    if variant == "unmasked_window":  # |p - i| is no shift: gather
-        idx = lookahead_index(mem_len=mem_len, window_start=window_start, window_len=w,
-                              variant=variant, device=q.device)  # [M, W]
-        bd = bd_full.gather(-1, idx.expand(*bd_full.shape[:2], -1, -1))  # [B,H,M,W]
-        return _attend(ac, bd, allowed, v, dropatt, training, shift="none")
-    return _attend(ac, bd_full, allowed, v, dropatt, training, shift="lookahead",
-                   window_start=window_start)
+    return _attend(ac, bd, allowed, v, dropatt, training, shift="band", offset=band.offset)
