@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 ATTN_TYPE = {"lamemo": 3, "xl": 0}  # the reference's names for our memory modes
+VARIANT_ATTN_TYPE = {"default": 3, "signed_distance": 31, "separate_content_bias": 32,
+                     "unmasked_window": 33}  # our lamemo ablations (model.variant)
 
 
 def _stand_in_sampler() -> types.ModuleType:
@@ -104,6 +106,41 @@ def build(module: types.ModuleType, memory: str, a, *, init_std: float = 0.02
         tgt_len=a.seg_len, ext_len=0, mem_len=a.mem_len, cutoffs=[], same_length=False,
         attn_type=ATTN_TYPE[memory], clamp_len=-1, sample_softmax=-1)
     _init(model, std=init_std, proj_std=init_std / 2)
+    return model
+
+
+def build_from_config(module: types.ModuleType, cfg, *, init_from=None) -> torch.nn.Module:
+    """The authors' MemTransformerLM at every field of our ModelConfig `cfg` that it has.
+
+    `init_from`: one of our LaMemoLM models whose weights it starts from (through
+    `to_reference`, so both models start from the very same weights: the strongest way to
+    give their model our init); None: their training script's init at cfg.init_std /
+    cfg.proj_init_std (see `_init`). A memory kind the reference lacks ('none') or our
+    untied u/v (untie_r) is a ValueError naming the value."""
+    from lamemo_ds.convert import to_reference
+    from lamemo_ds.convert.keymap import IGNORED_REFERENCE
+
+    if cfg.memory not in ATTN_TYPE:
+        raise ValueError(f"model.memory={cfg.memory!r}: the reference runs 'lamemo' or 'xl' "
+                         "only; pass a lamemo or xl run")
+    if cfg.untie_r:
+        raise ValueError("model.untie_r=true: the reference shares u, v, v' across layers")
+    attn_type = VARIANT_ATTN_TYPE[cfg.variant] if cfg.memory == "lamemo" else 0
+    model = module.MemTransformerLM(
+        cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head, cfg.d_inner,
+        cfg.dropout, cfg.dropatt, tie_weight=cfg.tie_weight, d_embed=cfg.d_model,
+        div_val=cfg.div_val, tie_projs=[False] + [cfg.tie_projs] * len(cfg.cutoffs),
+        pre_lnorm=cfg.pre_lnorm, tgt_len=cfg.segment_len, ext_len=0, mem_len=cfg.mem_len,
+        cutoffs=list(cfg.cutoffs), same_length=cfg.same_length, attn_type=attn_type,
+        clamp_len=cfg.clamp_len, sample_softmax=-1)
+    if init_from is None:
+        _init(model, std=cfg.init_std, proj_std=cfg.proj_init_std)
+    else:
+        result = model.load_state_dict(to_reference(init_from), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(IGNORED_REFERENCE)]
+        if missing or result.unexpected_keys:  # their zero logits-constant buffers may stay
+            raise ValueError(f"our weights do not fill theirs: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
     return model
 
 
