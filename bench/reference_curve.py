@@ -9,9 +9,9 @@ step, train_seconds, bpc, bpc_reset, gain_bpc, by_segment...; train_curve of (st
 Like with like, point by point:
 - weights: their model starts from the very weights our trainer starts from at that seed
   (`LaMemoLM(cfg.model)` after `seed_all(train.seed)`, mapped with `to_reference`); so the
-  first step's loss is ours to float precision. `--init theirs` uses their training script's
-  init at our init_std instead (bench/reference_model.py `_init`). Dropout draws come from the
-  same seed but differ in order from ours.
+  first step's loss is ours to float precision. `--init theirs` draws fresh weights instead,
+  from our init's distributions by role at our init_std (reference_model.build_from_config).
+  Dropout draws come from the same seed but differ in order from ours.
 - batches: our trainer's streams (`build_streams`: same segments, rows and seed); their model is
   time-major, so each [B, N] batch is transposed. Their `mems` are carried per micro-batch slot
   as their train_ddp.py carries them, and cleared exactly when our memory is reset: when the
@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--steps", type=int, help="stop after N steps (the schedule stays the run's)")
     p.add_argument("--init", choices=("ours", "theirs"), default="ours",
-                   help="ours: our initial weights at the run's seed (default); theirs: their "
-                   "script's init at our init_std")
+                   help="ours: our initial weights at the run's seed (default); theirs: "
+                   "fresh draws of our init's distributions")
     p.add_argument("--tiny", action="store_true", help="CI size: at most 6 steps, evals of 2 "
                    "segments at steps 3 and 6")
     return p.parse_args(argv)

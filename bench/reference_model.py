@@ -114,9 +114,11 @@ def build_from_config(module: types.ModuleType, cfg, *, init_from=None) -> torch
 
     `init_from`: one of our LaMemoLM models whose weights it starts from (through
     `to_reference`, so both models start from the very same weights: the strongest way to
-    give their model our init); None: their training script's init at cfg.init_std /
-    cfg.proj_init_std (see `_init`). A memory kind the reference lacks ('none') or our
-    untied u/v (untie_r) is a ValueError naming the value."""
+    give their model our init); None: our init's distributions by role (LaMemoLM.
+    reset_parameters, which follows their train_ddp.py `weights_init`) at cfg.init_std /
+    cfg.proj_init_std: `_init`, then xavier-uniform v' (r_r_bias_future, and u'
+    r_w_bias_future), as their constructor draws them and their script leaves them. A memory
+    kind the reference lacks ('none') or our untied u/v (untie_r) is a ValueError naming it."""
     from lamemo_ds.convert import to_reference
     from lamemo_ds.convert.keymap import IGNORED_REFERENCE
 
@@ -135,6 +137,9 @@ def build_from_config(module: types.ModuleType, cfg, *, init_from=None) -> torch
         clamp_len=cfg.clamp_len, sample_softmax=-1)
     if init_from is None:
         _init(model, std=cfg.init_std, proj_std=cfg.proj_init_std)
+        for name, p in model.named_parameters():
+            if name.endswith("_bias_future"):
+                torch.nn.init.xavier_uniform_(p)
     else:
         result = model.load_state_dict(to_reference(init_from), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(IGNORED_REFERENCE)]
