@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,15 @@ def parse_args(argv=None):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help="default: per corpus (see DEFAULTS in this file)")
     p.add_argument("--eval-points", type=int, default=6, help="evaluations per run")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                   help="lr after warmup; constant keeps every evaluation of a run comparable "
+                   "to a shorter run's last one (a budget study)")
+    p.add_argument("--study", help="a name for this study's run folder and plots (e.g. budget), "
+                   "kept apart from the default study's")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with "
+                   "cores/jobs threads (2 on a 2-core machine: one thread each)")
+    p.add_argument("--reuse", action="store_true", help="keep a finished run whose settings "
+                   "match (its quality_run.json) instead of training it again")
     p.add_argument("--pairs", type=int, default=4, help="recall_multi: keys pending at once")
     p.add_argument("--gap", default="32-64", help="recall_multi: tokens from a key's first copy "
                    "to its query, LO-HI")
@@ -83,6 +93,7 @@ def parse_args(argv=None):
             setattr(a, k, v)
     a.tag = a.corpus + (f"-k{a.pairs}-g{a.gap}" if a.corpus == "recall_multi" else "")
     data = data + a.tag[len(a.corpus):]
+    a.tag += f"-{a.study}" if a.study else ""
     a.base, a.data = base, a.data or (data + "-tiny" if a.tiny else data)
     if a.tiny:
         a.steps, a.layers, a.d_model, a.heads, a.batch = 12, 1, 32, 2, 2
@@ -92,10 +103,10 @@ def parse_args(argv=None):
     return a
 
 
-def lamemo(*args: str, **kw) -> subprocess.CompletedProcess:
-    """`lamemo ARGS` in this Python from the repository root (2 threads unless set); raises if
-    it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+def lamemo(*args: str, threads: int = 2, **kw) -> subprocess.CompletedProcess:
+    """`lamemo ARGS` in this Python from the repository root (`threads` threads unless
+    OMP_NUM_THREADS is set); raises if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
     return subprocess.run([sys.executable, "-m", "lamemo_ds.cli", *args], check=True, env=env,
                           cwd=REPO, **kw)
 
@@ -129,17 +140,27 @@ def train_one(memory: str, seed: int, a) -> dict:
         "train.eval_interval": max(1, a.steps // a.eval_points),
         "train.eval_max_segments": a.eval_segments, "train.output_dir": str(out),
         "eval.batch_size": a.batch, "eval.memory_gain": True, "checkpoint.interval": 0,
-        "checkpoint.resume": False, "logging.tensorboard": False,
+        "checkpoint.resume": False, "logging.tensorboard": False, "optim.schedule": a.schedule,
     }
+    done = out / "quality_run.json"
+    if a.reuse and done.is_file():
+        kept = json.loads(done.read_text())
+        if kept.get("sets") == {k: str(v) for k, v in sets.items()}:
+            print(f"reusing {out}", flush=True)
+            return kept["run"]
+    threads = max(1, (os.cpu_count() or 2) // a.jobs)
     t0 = time.time()
     lamemo("train", "--config", a.base, "--overwrite", *[x for k, v in sets.items()
                                          for x in ("--set", f"{k}={v}")],
-           stdout=subprocess.DEVNULL)
+           stdout=subprocess.DEVNULL, threads=threads)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [dict(e["eval"], step=e["step"]) for e in lines if "eval" in e]
     curve = [(e["step"], e["interval"]["train/loss"] / LN2) for e in lines if "interval" in e]
-    return {"memory": memory, "seed": seed, "seconds": round(time.time() - t0, 1),
-            "evals": [_eval_row(e) for e in evals], "train_curve": curve}
+    run = {"memory": memory, "seed": seed, "seconds": round(time.time() - t0, 1),
+           "threads": threads, "evals": [_eval_row(e) for e in evals], "train_curve": curve}
+    done.write_text(json.dumps({"sets": {k: str(v) for k, v in sets.items()}, "run": run}))
+    print(f"trained {out} in {run['seconds']:.0f} s", flush=True)
+    return run
 
 
 def _eval_row(e: dict) -> dict:
@@ -189,6 +210,56 @@ def summarize(runs: list[dict], memories: list[str]) -> dict:
                     > 2 * max(ns, out["models"][m][key][1]) if seeds > 1 else None}
                 for m in memories if m != "none"}
     return out
+
+
+def budgets(runs: list[dict], memories: list[str]) -> list[dict]:
+    """Every evaluation step all runs share, read as a budget: each model at that step (equal
+    steps) and at the training time the fastest model needed to reach it (equal time), mean
+    and sd over seeds, and each memory model against none. Meaningful when the evaluations of
+    one run compare with shorter runs' last ones (--schedule constant)."""
+    steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in runs)))
+    out = []
+    for step in steps:
+        at = {m: [next(e for e in r["evals"] if e["step"] == step) for r in runs
+                  if r["memory"] == m] for m in memories}
+        budget = min(statistics.median(e["train_seconds"] for e in at[m]) for m in memories)
+        row = {"step": step, "time_budget_s": budget, "models": {}}
+        for m in memories:
+            timed = [max((e for e in r["evals"] if e["train_seconds"] <= budget * 1.02),
+                         key=lambda e: e["step"], default=r["evals"][0])
+                     for r in runs if r["memory"] == m]
+            row["models"][m] = {"bpc@steps": mean_sd([e["bpc"] for e in at[m]]),
+                                "gain_bpc@steps": mean_sd([e["gain_bpc"] for e in at[m]]),
+                                "bpc@time": mean_sd([e["bpc"] for e in timed]),
+                                "step@time": mean_sd([e["step"] for e in timed])}
+        for tag in ("steps", "time") if "none" in memories else ():
+            n, ns = row["models"]["none"][f"bpc@{tag}"]
+            row[f"vs_none@{tag}"] = {m: {"margin_bpc": n - row["models"][m][f"bpc@{tag}"][0],
+                                         "beyond_noise": n - row["models"][m][f"bpc@{tag}"][0]
+                                         > 2 * max(ns, row["models"][m][f"bpc@{tag}"][1])}
+                                     for m in memories if m != "none"}
+        out.append(row)
+    return out
+
+
+def budget_report(rows: list[dict]) -> str:
+    """One line per budget: valid bpc at equal steps and at equal time, and where memory wins."""
+    if not rows:
+        return ""
+    ms = list(rows[0]["models"])
+    lines = ["", "by budget (valid bpc, mean +- sd; equal time = the fastest model's time to "
+             "that step):", f"{'step':>6} {'time':>6} " + " ".join(
+                 f"{m + ' @steps':>17} {m + ' @time':>17}" for m in ms)]
+    for r in rows:
+        cells = " ".join("{:.4f} +- {:.4f}".format(*r["models"][m]["bpc@steps"]) + " "
+                         + "{:.4f} +- {:.4f}".format(*r["models"][m]["bpc@time"]) for m in ms)
+        lines.append(f"{r['step']:6d} {r['time_budget_s']:5.0f}s {cells}")
+    for tag in ("steps", "time"):
+        wins = [f"{m} at step {r['step']} ({v['margin_bpc']:.4f} bpc)" for r in rows
+                for m, v in r.get(f"vs_none@{tag}", {}).items() if v["beyond_noise"]]
+        lines.append(f"memory below none beyond noise at equal {tag}: "
+                     + (", ".join(wins) if wins else "at no budget"))
+    return "\n".join(lines)
 
 
 NOISE = {True: "beyond noise: more than 2 sd", False: "within noise: less than 2 sd",
@@ -267,15 +338,47 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
     return names
 
 
+def plot_budgets(rows: list[dict], runs: list[dict], a) -> str:
+    """Valid bpc against the budget in steps (mean +- sd) and in training seconds (each run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = f"quality_{a.tag}_budgets.png"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i, m in enumerate(rows[0]["models"]):
+        ax1.errorbar([r["step"] for r in rows], [r["models"][m]["bpc@steps"][0] for r in rows],
+                     yerr=[r["models"][m]["bpc@steps"][1] for r in rows], color=f"C{i}",
+                     marker="o", ms=3, capsize=2, label=m)
+        for r in (r for r in runs if r["memory"] == m):
+            ax2.plot([e["train_seconds"] for e in r["evals"]], [e["bpc"] for e in r["evals"]],
+                     color=f"C{i}", alpha=0.6, marker=".", ms=3)
+    ax1.set(xlabel="budget (steps)", ylabel="valid bpc (mean +- sd)", title=f"{a.tag}: steps")
+    ax2.set(xlabel="training seconds", ylabel="valid bpc (each seed)", title="time")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(Path(a.plots) / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     ensure_data(a)
     memories = a.memories.split(",")
-    runs = [train_one(m, int(s), a) for s in a.seeds.split(",") for m in memories]
+    todo = [(m, int(s)) for s in a.seeds.split(",") for m in memories]
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # threads only wait on subprocesses
+        runs = list(pool.map(lambda ms: train_one(*ms, a), todo))
     s = summarize(runs, memories)
     text = report(s, a)
+    if a.schedule == "constant":  # each evaluation is then a shorter run's last one
+        s["budgets"] = budgets(runs, memories)
+        text += "\n" + budget_report(s["budgets"])
     print(text)
     plots = plot(runs, memories, a)
+    if "budgets" in s:
+        plots.append(plot_budgets(s["budgets"], runs, a))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": s, "report": text, "plots": plots,
                                             "runs": runs, "config": vars(a)}, indent=2))

@@ -68,3 +68,23 @@ def test_quality_bench_sweeps_multi_query_recall_in_tiny_mode(tmp_path):
                                                          for s in (1, 2)}
     assert all(e["recall_bits"] > 0 for x in runs for e in x["evals"])
     assert (tmp_path / "quality_recall_multi-k2-g16-32_curves.png").is_file()
+
+    # the same models, unchanged, on corpora with other pair counts and gaps, at 2 memories
+    sweep = tmp_path / "sweep.json"
+    r = subprocess.run([PY, str(REPO / "bench" / "recall_sweep.py"), "--tiny", "--runs",
+                        str(tmp_path / "runs-tiny" / "recall_multi-k2-g16-32"), "--data-root",
+                        str(tmp_path), "--plot", str(tmp_path / "sweep.png"), "--json",
+                        str(sweep)], env=env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(sweep.read_text())
+    cells = {(c["sweep"], c["pairs"], c["gap"], c["memory"], c["mem_len"]): c
+             for c in found["cells"]}
+    for k, gap in ((1, "16-32"), (2, "16-32")):
+        assert {(m, ml) for (s, kk, g, m, ml) in cells if (kk, g) == (k, gap)} == {
+            ("lamemo", 16), ("lamemo", 32), ("none", 0)}
+    manifest = json.loads((tmp_path / "recall_multi-k1-g16-32-tiny" / "manifest.json")
+                          .read_text())["recall"]
+    assert (manifest["pairs"], manifest["gap_min"], manifest["gap_max"]) == (1, 16, 32)
+    assert all(c["seeds"] == 2 and c["bits"][0] > 0 for c in found["cells"])
+    assert (tmp_path / "sweep.png").is_file() and "| pairs | 1 | 16-32 |" in found["table"]
