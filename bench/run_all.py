@@ -34,6 +34,19 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
                 "equal time, memory gain"),
     "quality_recall": ("quality.py", ["--corpus", "recall"], "recall corpus: lamemo / xl / "
                        "none over seeds, equal steps and equal time, memory gain"),
+    "quality_recall_multi": ("quality.py", ["--corpus", "recall_multi", "--jobs", "2",
+                                            "--reuse"],
+                             "multi-query recall (configs/recall_multi.yaml): lamemo / xl / none "
+                             "over seeds, equal steps and equal time"),
+    "recall_sweep": ("recall_sweep.py", [], "multi-query recall: the trained models against the "
+                     "number of pending pairs and the gap, at the trained and a longer memory"),
+    "quality_budget": ("quality.py", ["--steps", "6000", "--schedule", "constant",
+                                      "--eval-points", "12", "--study", "budget", "--jobs", "2",
+                                      "--reuse"],
+                       "stdlib: quality against budget (1k-6k steps, constant lr), lamemo / xl / "
+                       "none over seeds, equal steps and equal time"),
+    "reference_overlay": ("reference_overlay.py", [], "stdlib: our lamemo curve beside the "
+                          "authors' code trained with the same settings, start and batches"),
     "bad_inputs": ("bad_inputs.py", [], "bad inputs: exit code, one-line error, nothing left "
                    "behind (tests/test_bad_inputs.py)"),
     "mem_sweep": ("mem_sweep.py", ["--clamp-lens", "train,128"], "stdlib: xl and lamemo "
@@ -94,8 +107,10 @@ def run_one(name: str, tiny: bool, out_dir: Path, timeout: int) -> dict:
     if not path.is_file():
         return {"name": name, "what": what, "status": "missing", "error": f"{script} not found"}
     out = out_dir / f"{name}.json"
-    if script in ("quality.py", "mem_sweep.py", "scaling.py"):
+    if script in ("quality.py", "mem_sweep.py", "scaling.py", "reference_overlay.py"):
         extra = [*extra, "--plots", str(out_dir)]
+    if script == "recall_sweep.py":
+        extra = [*extra, "--plot", str(out_dir / "recall_sweep.png")]
     cmd = [sys.executable, str(path), *extra, "--json", str(out)] + (["--tiny"] if tiny else [])
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
