@@ -40,10 +40,10 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
                              "over seeds, equal steps and equal time"),
     "recall_sweep": ("recall_sweep.py", [], "multi-query recall: the trained models against the "
                      "number of pending pairs and the gap, at the trained and a longer memory"),
-    "quality_budget": ("quality.py", ["--steps", "6000", "--schedule", "constant",
-                                      "--eval-points", "12", "--study", "budget", "--jobs", "2",
+    "quality_budget": ("quality.py", ["--steps", "3000", "--schedule", "constant",
+                                      "--eval-points", "6", "--study", "budget", "--jobs", "2",
                                       "--reuse"],
-                       "stdlib: quality against budget (1k-6k steps, constant lr), lamemo / xl / "
+                       "stdlib: quality against budget (0.5k-3k steps, constant lr), lamemo / xl / "
                        "none over seeds, equal steps and equal time"),
     "reference_overlay": ("reference_overlay.py", [], "stdlib: our lamemo curve beside the "
                           "authors' code trained with the same settings, start and batches"),
