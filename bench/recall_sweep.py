@@ -11,8 +11,10 @@ on test corpora that vary one knob of that task at a time:
 
 Each cell is evaluated with the trained memory M = 64 and with M = 128: a gap beyond M cannot be
 recalled from memory (a control: the cost must go to chance, log2(8) = 3 bits per key symbol),
-and M = 128 asks whether recall carries over to a memory longer than the one trained with. The
-reported number is bits per recalled key symbol on the test split, memory carried (and reset).
+and M = 128 asks whether recall carries over to a memory longer than the one trained with.
+Relative distances are clamped at the training N + M (bench/FINDINGS.md §5: lamemo needs it
+beyond its training memory; it changes nothing within it). The reported number is bits per
+recalled key symbol on the test split, memory carried (and reset).
 
     python bench/recall_sweep.py --json bench/recall_sweep.json  # runs/quality/recall_multi-...
     python bench/recall_sweep.py --tiny                # runs/quality-tiny/..., seconds, for CI
@@ -71,6 +73,14 @@ def trained_runs(folder: Path) -> list[tuple[str, int, Path]]:
     return runs
 
 
+def trained_window(run: Path) -> int:
+    """N + M of the run's training: the longest relative distance it ever saw."""
+    import yaml
+
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    return int(model["segment_len"]) + int(model["mem_len"])
+
+
 def corpus(pairs: int, gap: str, a) -> str:
     """The test corpus of one cell, prepared once like bench/quality.py prepares its own."""
     data = f"{a.data_root}/recall_multi-k{pairs}-g{gap}" + ("-tiny" if a.tiny else "")
@@ -82,7 +92,8 @@ def evaluate(run: Path, memory: str, data: str, a) -> list[dict]:
     """`lamemo eval` of one model on one corpus: a row per memory length ('none' keeps none)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "eval.json"
-        mems = [] if memory == "none" else ["--mem-len", a.mem_lens]
+        mems = [] if memory == "none" else ["--mem-len", a.mem_lens,
+                                            "--clamp-len", str(trained_window(run))]
         try:
             lamemo("eval", "--model", str(run), "--data", data, "--split", "test", *mems,
                    "--max-segments", str(a.max_segments), "--batch-size", str(a.batch_size),
