@@ -133,7 +133,7 @@ def reused_row(name: str, path: str) -> dict:
     """A result taken from an earlier run's JSON: its figures, the command and commit that
     made them (older files without them show their numbers as JSON)."""
     result = json.loads(Path(path).read_text())
-    figures = result.get("stdout") or json.dumps(
+    figures = result.get("stdout") or result.get("report") or result.get("table") or json.dumps(
         {k: v for k, v in result.items() if k not in ("runs", "config")}, indent=1)[:3000]
     made = result.get("command", f"bench/{SUITE[name][0]}")
     return {"name": name, "what": SUITE[name][2], "status": "ok", "result": result,

@@ -22,7 +22,8 @@ RECIPE = REPO / "configs" / "recall_multi.yaml"
 PREPARE = ("--recall-pairs", "2", "--recall-key-len", "2", "--recall-alphabet", "01234567",
            "--recall-gap", "16-32", "--recall-filler", "so it goes ", "--recall-spacing", "8")
 SMALLER = {"model.segment_len": 16, "model.mem_len": 32, "train.max_steps": 1500,
-           "train.eval_interval": 1500, "train.log_interval": 500, "train.eval_max_segments": 8}
+           "train.micro_batch_size": 16, "train.eval_interval": 1500, "train.log_interval": 500,
+           "train.eval_max_segments": 8}
 
 
 def lamemo_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
