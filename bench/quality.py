@@ -300,12 +300,28 @@ def report(s: dict, a) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], memories: list[str], a) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Lay out, write (110 dpi) and close `fig`; its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path).name
+
+
+def plot(runs: list[dict], memories: list[str], a) -> list[str]:
+    plt = pyplot()
     names = [f"quality_{a.tag}_curves.png", f"quality_{a.tag}_by_segment.png"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for i, m in enumerate(memories):
@@ -319,8 +335,7 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
     ax1.set(xlabel="step", ylabel="train bpc (mean over seeds)", title=f"{a.tag}: training")
     ax2.set(xlabel="training seconds", ylabel="valid bpc (each seed)", title="valid by time")
     ax1.legend()
-    fig.tight_layout()
-    fig.savefig(Path(a.plots) / names[0], dpi=110)
+    save_figure(fig, Path(a.plots) / names[0])
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for i, m in enumerate(memories):
         mine = [r["evals"][-1] for r in runs if r["memory"] == m]
@@ -332,19 +347,13 @@ def plot(runs: list[dict], memories: list[str], a) -> list[str]:
     ax.set(xlabel="segment index in stream (0: no memory yet)", ylabel="valid bpc",
            title=f"{a.tag}: memory carried (solid) vs reset (dashed)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(Path(a.plots) / names[1], dpi=110)
-    plt.close("all")
+    save_figure(fig, Path(a.plots) / names[1])
     return names
 
 
 def plot_budgets(rows: list[dict], runs: list[dict], a) -> str:
     """Valid bpc against the budget in steps (mean +- sd) and in training seconds (each run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     name = f"quality_{a.tag}_budgets.png"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for i, m in enumerate(rows[0]["models"]):
@@ -357,10 +366,7 @@ def plot_budgets(rows: list[dict], runs: list[dict], a) -> str:
     ax1.set(xlabel="budget (steps)", ylabel="valid bpc (mean +- sd)", title=f"{a.tag}: steps")
     ax2.set(xlabel="training seconds", ylabel="valid bpc (each seed)", title="time")
     ax1.legend()
-    fig.tight_layout()
-    fig.savefig(Path(a.plots) / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save_figure(fig, Path(a.plots) / name)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ import tempfile
 from argparse import Namespace
 from pathlib import Path
 
-from quality import REPO, ensure_data, lamemo  # bench/ is this script's folder
+from quality import REPO, ensure_data, lamemo, pyplot, save_figure  # bench/: this folder
 
 CHANCE = 3.0  # log2 of the recipe's 8-symbol alphabet
 # (sweep, pairs, gap): every cell the models are evaluated on
@@ -140,11 +140,7 @@ def table(cells: list[dict]) -> str:
 
 
 def plot(cells: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     series = sorted({(c["memory"], c["mem_len"]) for c in cells})
     for ax, sweep in zip(axes, ("pairs", "gap")):
@@ -163,9 +159,7 @@ def plot(cells: list[dict], path: str) -> None:
         ax.set(ylabel="bits per key symbol (carried)",
                title="pending pairs K" if sweep == "pairs" else "gap (tokens), K = 4")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

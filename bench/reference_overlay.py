@@ -28,7 +28,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from quality import REPO, pyplot, save_figure  # bench/: this script's folder
+
 HERE = REPO / "bench"
 
 
@@ -120,11 +121,7 @@ def report(rows: list[dict], a) -> str:
 
 
 def plot(mine: dict[int, dict], refs: dict[int, dict], a) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     name = f"reference_overlay_{a.memory}.png"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for i, (group, runs, style) in enumerate((("ours", mine, "-"), ("authors'", refs, "--"))):
@@ -137,10 +134,7 @@ def plot(mine: dict[int, dict], refs: dict[int, dict], a) -> str:
     ax1.set(xlabel="step", ylabel="train bpc", title=f"{a.memory}: training")
     ax2.set(xlabel="step", ylabel="valid bpc (memory carried)", title="validation")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(a.plots) / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save_figure(fig, Path(a.plots) / name)
 
 
 def main(argv=None) -> int:
