@@ -69,8 +69,9 @@ def theirs(seed: int, run: dict, a) -> dict:
     folder = a.study / f"{a.memory}-seed{seed}"
     out = folder / "reference_curve.json"
     last = run["evals"][-1]["step"]
-    if out.is_file() and json.loads(out.read_text())["evals"][-1]["step"] == last:
-        return json.loads(out.read_text())
+    kept = json.loads(out.read_text()) if out.is_file() else None
+    if kept and kept["evals"] and kept["evals"][-1]["step"] == last:
+        return kept
     cmd = [sys.executable, str(HERE / "reference_curve.py"), "--run", str(folder),
            "--reference-dir", a.reference_dir, "--out", str(out)]  # a tiny study is tiny already
     env = dict(os.environ, OMP_NUM_THREADS="1")
