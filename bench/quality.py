@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                    help="lr after warmup; constant keeps every evaluation of a run comparable "
                    "to a shorter run's last one (a budget study)")
+    p.add_argument("--budgets", help="comma-separated step budgets (e.g. 1000,3000,5000): one "
+                   "full run per budget, each with its own schedule, compared by their last "
+                   "evaluations (a budget study under a cosine schedule; --steps is ignored)")
     p.add_argument("--study", help="a name for this study's run folder and plots (e.g. budget), "
                    "kept apart from the default study's")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with "
@@ -95,7 +98,14 @@ def parse_args(argv=None):
     data = data + a.tag[len(a.corpus):]
     a.tag += f"-{a.study}" if a.study else ""
     a.base, a.data = base, a.data or (data + "-tiny" if a.tiny else data)
+    try:
+        a.budget_steps = sorted({int(x) for x in a.budgets.split(",")}) if a.budgets else []
+    except ValueError:
+        p.error(f"--budgets {a.budgets}: write step counts separated by commas (1000,3000)")
+    if any(x < 1 for x in a.budget_steps):
+        p.error(f"--budgets {a.budgets}: every budget must be >= 1 step")
     if a.tiny:
+        a.budget_steps = [6, 12] if a.budgets else []
         a.steps, a.layers, a.d_model, a.heads, a.batch = 12, 1, 32, 2, 2
         a.seg_len = a.mem_len = 16
         a.eval_segments, a.eval_points, a.seeds, a.warmup = 3, 2, "1,2", 2
@@ -126,8 +136,10 @@ def ensure_data(a) -> None:
     lamemo("prepare", "--corpus", a.corpus, "--out", a.data, "--quiet", *extra)
 
 
-def train_one(memory: str, seed: int, a) -> dict:
-    out = REPO / a.out / a.tag / f"{memory}-seed{seed}"
+def train_one(memory: str, seed: int, a, steps: int | None = None) -> dict:
+    """Train one run (`steps` of a budget study, else --steps) unless --reuse finds it."""
+    out = REPO / a.out / a.tag / (f"{memory}-seed{seed}" + (f"-{steps}" if steps else ""))
+    steps = steps or a.steps
     sets = {
         "model.vocab_size": 257, "model.n_layer": a.layers, "model.n_head": a.heads,
         "model.d_model": a.d_model, "model.d_head": a.d_model // a.heads,
@@ -135,9 +147,9 @@ def train_one(memory: str, seed: int, a) -> dict:
         "model.segment_len": a.seg_len, "model.mem_len": a.mem_len,
         "model.init_std": a.init_std, "data.path": a.data, "optim.lr": a.lr,
         "optim.warmup_steps": a.warmup, "optim.min_lr": a.lr / 10,
-        "train.micro_batch_size": a.batch, "train.max_steps": a.steps, "train.seed": seed,
-        "train.log_interval": max(1, a.steps // 50),
-        "train.eval_interval": max(1, a.steps // a.eval_points),
+        "train.micro_batch_size": a.batch, "train.max_steps": steps, "train.seed": seed,
+        "train.log_interval": max(1, steps // 50),
+        "train.eval_interval": max(1, steps // a.eval_points),
         "train.eval_max_segments": a.eval_segments, "train.output_dir": str(out),
         "eval.batch_size": a.batch, "eval.memory_gain": True, "checkpoint.interval": 0,
         "checkpoint.resume": False, "logging.tensorboard": False, "optim.schedule": a.schedule,
@@ -150,13 +162,14 @@ def train_one(memory: str, seed: int, a) -> dict:
             return kept["run"]
     threads = max(1, (os.cpu_count() or 2) // a.jobs)
     t0 = time.time()
-    lamemo("train", "--config", a.base, "--overwrite", *[x for k, v in sets.items()
-                                         for x in ("--set", f"{k}={v}")],
+    checks = ("--set", "train.global_batch_size=null")  # one process: --batch is the batch
+    lamemo("train", "--config", a.base, "--overwrite", *checks, *[x for k, v in sets.items()
+                                                     for x in ("--set", f"{k}={v}")],
            stdout=subprocess.DEVNULL, threads=threads)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [dict(e["eval"], step=e["step"]) for e in lines if "eval" in e]
     curve = [(e["step"], e["interval"]["train/loss"] / LN2) for e in lines if "interval" in e]
-    run = {"memory": memory, "seed": seed, "seconds": round(time.time() - t0, 1),
+    run = {"memory": memory, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
            "threads": threads, "evals": [_eval_row(e) for e in evals], "train_curve": curve}
     done.write_text(json.dumps({"sets": {k: str(v) for k, v in sets.items()}, "run": run}))
     print(f"trained {out} in {run['seconds']:.0f} s", flush=True)
@@ -212,11 +225,20 @@ def summarize(runs: list[dict], memories: list[str]) -> dict:
     return out
 
 
+def budget_series(runs: list[dict]) -> list[dict]:
+    """A budget study's runs as one series per (memory, seed): each budget's last evaluation,
+    by step, so `budgets` reads them as it reads one constant-schedule run's evaluations."""
+    keys = sorted({(r["memory"], r["seed"]) for r in runs}, key=str)
+    return [{"memory": m, "seed": s, "evals": [r["evals"][-1] for r in sorted(
+        (r for r in runs if (r["memory"], r["seed"]) == (m, s)), key=lambda r: r["steps"])]}
+        for m, s in keys]
+
+
 def budgets(runs: list[dict], memories: list[str]) -> list[dict]:
     """Every evaluation step all runs share, read as a budget: each model at that step (equal
     steps) and at the training time the fastest model needed to reach it (equal time), mean
     and sd over seeds, and each memory model against none. Meaningful when the evaluations of
-    one run compare with shorter runs' last ones (--schedule constant)."""
+    one run compare with shorter runs' last ones (--schedule constant, or `budget_series`)."""
     steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in runs)))
     out = []
     for step in steps:
@@ -373,21 +395,26 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     ensure_data(a)
     memories = a.memories.split(",")
-    todo = [(m, int(s)) for s in a.seeds.split(",") for m in memories]
+    todo = [(m, int(s), n) for n in a.budget_steps[::-1] or [None]  # longest runs first
+            for s in a.seeds.split(",") for m in memories]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # threads only wait on subprocesses
-        runs = list(pool.map(lambda ms: train_one(*ms, a), todo))
-    s = summarize(runs, memories)
+        runs = list(pool.map(lambda msn: train_one(*msn[:2], a, steps=msn[2]), todo))
+    series = every = runs
+    if a.budget_steps:  # the full report and plots describe the largest budget's runs
+        series, runs = budget_series(runs), [r for r in runs if r["steps"] == a.budget_steps[-1]]
+        a.steps = a.budget_steps[-1]
+    s = summarize(series, memories)  # a budget study's equal time picks among whole runs
     text = report(s, a)
-    if a.schedule == "constant":  # each evaluation is then a shorter run's last one
-        s["budgets"] = budgets(runs, memories)
+    if a.schedule == "constant" or a.budget_steps:  # evaluations read as shorter runs' last
+        s["budgets"] = budgets(series, memories)
         text += "\n" + budget_report(s["budgets"])
     print(text)
     plots = plot(runs, memories, a)
     if "budgets" in s:
-        plots.append(plot_budgets(s["budgets"], runs, a))
+        plots.append(plot_budgets(s["budgets"], series, a))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": s, "report": text, "plots": plots,
-                                            "runs": runs, "config": vars(a)}, indent=2))
+                                            "runs": every, "config": vars(a)}, indent=2))
     return 0
 
 

@@ -43,8 +43,14 @@ SUITE: dict[str, tuple[str, list[str], str]] = {
     "quality_budget": ("quality.py", ["--steps", "3000", "--schedule", "constant",
                                       "--eval-points", "6", "--study", "budget", "--jobs", "2",
                                       "--reuse"],
-                       "stdlib: quality against budget (0.5k-3k steps, constant lr), lamemo / xl / "
-                       "none over seeds, equal steps and equal time"),
+                       "stdlib: 3k steps at a constant lr, evaluated every 0.5k (the runs the "
+                       "reference overlay retraces); lamemo / xl / none over seeds"),
+    "quality_budget_cosine": ("quality.py", ["--budgets", "1000,3000,5000", "--eval-points", "1",
+                                             "--eval-segments", "256", "--study",
+                                             "cosine-budget", "--jobs", "2", "--reuse"],
+                              "stdlib: quality against budget, one cosine run per budget (1k, "
+                              "3k, 5k steps) evaluated on 131k valid bytes; lamemo / xl / none "
+                              "over seeds, equal steps, equal time and the memory gain"),
     "reference_overlay": ("reference_overlay.py", [], "stdlib: our lamemo curve beside the "
                           "authors' code trained with the same settings, start and batches"),
     "bad_inputs": ("bad_inputs.py", [], "bad inputs: exit code, one-line error, nothing left "

@@ -72,6 +72,8 @@ def test_keys_are_recalled_gap_tokens_later_and_seeded(tmp_path, lamemo):
     (("--recall-pairs", "2", "--recall-names", "AA"), "needs 2 distinct"),
     (("--recall-pairs", "2", "--recall-names", "A1"), "uses ['1']"),
     (("--recall-pairs", "2", "--recall-filler", "x=y"), "uses ['=']"),
+    (("--recall-pairs", "4", "--recall-names", "ABCDEFG", "--recall-fresh-names"),
+     "need 8 distinct names"),
     (("--recall-pairs", "4", "--recall-key-len", "2", "--recall-gap", "10-34"), ">= 35"),
     (("--recall-pairs", "4", "--recall-key-len", "2", "--recall-gap", "40-60"),
      "HI - LO >= 30"),
@@ -174,6 +176,26 @@ def test_multi_query_is_seeded_and_old_recipes_unchanged(tmp_path, lamemo):
     a = text_of(tmp_path / "a", "train")
     assert a == text_of(tmp_path / "b", "train") != text_of(tmp_path / "c", "train")
     assert load_manifest(tmp_path / "a")["recall"]["pairs"] == 4
+    assert "fresh_names" not in load_manifest(tmp_path / "a")["options"]["recall"]  # as before
     # single-key recipes keep their manifest keys (and so their folders) as before
     assert prepare(lamemo, tmp_path / "s").returncode == 0
     assert "pairs" not in load_manifest(tmp_path / "s")["options"]["recall"]
+
+
+def test_fresh_names_keep_neighbouring_episodes_apart(tmp_path, lamemo):
+    """--recall-fresh-names: no episode reuses a name of the episode before it in its document
+    (without it about 4/26 of the names do), and the manifest says so."""
+    shared = {}
+    for tag, extra in (("plain", ()), ("fresh", ("--recall-fresh-names",))):
+        assert prepare(lamemo, tmp_path / tag, *MULTI, *extra).returncode == 0
+        toks = np.asarray(open_tokens(tmp_path / tag, "train"))
+        docs = bytes(np.where(toks < 256, toks, ord("|")).astype(np.uint8)).decode().split("|")
+        pairs = reused = 0
+        for doc in filter(None, docs):
+            names = [{n for _, n, _ in writes} for writes, _ in episodes_of(doc, 4)]
+            pairs += 4 * (len(names) - 1)
+            reused += sum(len(a & b) for a, b in zip(names, names[1:]))
+        assert pairs > 200
+        shared[tag] = reused / pairs
+    assert shared["fresh"] == 0 and shared["plain"] > 0.08
+    assert load_manifest(tmp_path / "fresh")["recall"]["fresh_names"] is True

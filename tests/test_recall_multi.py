@@ -20,10 +20,11 @@ from train_support import PY, REPO, env
 CHANCE = 3.0  # log2 of the 8-symbol alphabet
 RECIPE = REPO / "configs" / "recall_multi.yaml"
 PREPARE = ("--recall-pairs", "2", "--recall-key-len", "2", "--recall-alphabet", "01234567",
-           "--recall-gap", "16-32", "--recall-filler", "so it goes ", "--recall-spacing", "8")
+           "--recall-gap", "16-32", "--recall-filler", "so it goes ", "--recall-spacing", "8",
+           "--recall-fresh-names")
 SMALLER = {"model.segment_len": 16, "model.mem_len": 32, "train.max_steps": 1500,
            "train.micro_batch_size": 16, "train.eval_interval": 1500, "train.log_interval": 500,
-           "train.eval_max_segments": 8}
+           "train.eval_max_segments": 8, "train.global_batch_size": "null"}  # one process
 
 
 def lamemo_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:

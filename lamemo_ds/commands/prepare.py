@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "order, each --recall-gap tokens later (default: single #KEY episodes)")
     g.add_argument("--recall-names", default="ABCDEFGHIJKLMNOPQRSTUVWXYZ",
                    help="with --recall-pairs: the symbols a key's name is drawn from")
+    g.add_argument("--recall-fresh-names", action="store_true", help="with --recall-pairs: no "
+                   "episode reuses a name of the episode before it (a query's name then matches "
+                   "one line within reach, not also the last episode's stale value)")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="overwrite an existing prepared folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -168,7 +171,8 @@ def _recall_spec(args: argparse.Namespace):
                       alphabet=args.recall_alphabet, filler=args.recall_filler,
                       episodes=args.recall_episodes, spacing=args.recall_spacing,
                       seed=args.recall_seed, pairs=args.recall_pairs,
-                      names=args.recall_names).check(args.tokenizer)
+                      names=args.recall_names,
+                      fresh_names=args.recall_fresh_names).check(args.tokenizer)
 
 
 def _report(m: dict, out: str, wrote: bool) -> None:

@@ -290,6 +290,8 @@ def _options_json(o: PrepareOptions) -> dict:
             del opts[key]
     if opts["recall"] and opts["recall"]["pairs"] is None:  # single-key recall, as before
         del opts["recall"]["pairs"], opts["recall"]["names"]
+    if opts["recall"] and not opts["recall"]["fresh_names"]:  # folders made before the knob
+        del opts["recall"]["fresh_names"]
     if o.tokenizer_file is not None and Path(o.tokenizer_file).is_file():
         opts["tokenizer_file_sha256"] = hashlib.sha256(
             Path(o.tokenizer_file).read_bytes()).hexdigest()

@@ -56,6 +56,9 @@ class RecallSpec:
     """Multi-query recall: keys pending at once (None: the single-key `#KEY` episodes)."""
     names: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     """Multi-query recall: the symbols a key's name is drawn from (distinct in an episode)."""
+    fresh_names: bool = False
+    """Multi-query recall: no name of an episode was used by the episode before it, so a query's
+    name matches one line in reach of the memory, not also the stale line of the last episode."""
 
     @property
     def bits_per_symbol(self) -> float:
@@ -120,6 +123,9 @@ class RecallSpec:
         if len(set(self.names)) < k or len(set(self.names)) != len(self.names):
             bad(f"--recall-names {self.names!r}: needs {k} distinct symbols (one name per pending "
                 f"pair), each listed once; give more names or fewer --recall-pairs")
+        if self.fresh_names and len(self.names) < 2 * k:
+            bad(f"--recall-fresh-names with --recall-names {self.names!r}: two neighbouring "
+                f"episodes need {2 * k} distinct names; give more names or fewer --recall-pairs")
         if self.gap_max < line * (2 * k - 1):
             bad(f"--recall-gap {self.gap_min}-{self.gap_max}: with {k} pairs of {line}-token "
                 f"lines the last query can lie {line * (2 * k - 1)} tokens after its pair; "
@@ -129,9 +135,10 @@ class RecallSpec:
                 f"the gaps of {k} pairs of {line}-token lines over {line * (2 * k - 2)} tokens; "
                 f"widen the range to HI - LO >= {line * (2 * k - 2)} or use fewer --recall-pairs")
 
-    def episode(self, rng: np.random.Generator) -> tuple[str, list[int]]:
-        """One episode's text and the offsets in it of the recalled key symbols."""
-        return self._multi(rng) if self.pairs is not None else self._single(rng)
+    def episode(self, rng: np.random.Generator, avoid: str = "") -> tuple[str, list[int]]:
+        """One episode's text and the offsets in it of the recalled key symbols (multi-query:
+        no name drawn from `avoid`)."""
+        return self._multi(rng, avoid) if self.pairs is not None else self._single(rng)
 
     def _single(self, rng: np.random.Generator) -> tuple[str, list[int]]:
         """`#KEY\\n`, filler, `?KEY\\n` with every symbol `gap` apart, then 0..spacing filler."""
@@ -143,7 +150,7 @@ class RecallSpec:
         at = 1 + self.key_len + 1 + fill + 1  # the recalled copy's first symbol
         return text, list(range(at, at + self.key_len))
 
-    def _multi(self, rng: np.random.Generator) -> tuple[str, list[int]]:
+    def _multi(self, rng: np.random.Generator, avoid: str = "") -> tuple[str, list[int]]:
         """`pairs` lines `NAME=VALUE\\n`, filler, the same lines in a random order, filler.
 
         Pair i is written in line i and queried in line K + order[i] (K = pairs, lines L tokens
@@ -151,7 +158,7 @@ class RecallSpec:
         of the episode lies in [gap_min, gap_max] (`check` makes sure one exists).
         """
         k, line = self.pairs, self.line_len
-        names = rng.choice(list(self.names), size=k, replace=False)
+        names = rng.choice([n for n in self.names if n not in avoid], size=k, replace=False)
         values = ["".join(rng.choice(list(self.alphabet), size=self.key_len)) for _ in range(k)]
         order = rng.permutation(k)  # pair i is the order[i]-th query
         off = [line * (k + int(order[i]) - i) for i in range(k)]
@@ -177,9 +184,11 @@ class RecallSpec:
         rng = np.random.default_rng([self.seed, SPLITS.index(split)])
         written = 0
         while written < tokens:
-            text, marks = "", []
+            text, marks, last = "", [], ""
             for _ in range(self.episodes):
-                t, m = self.episode(rng)
+                t, m = self.episode(rng, avoid=last)
+                if self.fresh_names:  # the names open the episode's first K lines
+                    last = t[:self.pairs * self.line_len:self.line_len]
                 marks += [len(text) + i for i in m]
                 text += t
             written += len(text) + 1  # + EOS
