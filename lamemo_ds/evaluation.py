@@ -29,6 +29,7 @@ from .config.schema import keeps_memory
 MemoryMode = Literal["carried", "reset"]
 MEMORY_MODES = ("carried", "reset")
 LN2 = math.log(2)
+MAX_GROUPS = 64  # target groups an integer `target_mask` may label (the last takes the rest)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class EvalResult:
     memory: str = "carried"  # "carried" or "reset" (empty memory before every segment)
     subset_loss: float | None = None  # mean NLL over the targets of `target_mask`
     subset_tokens: int = 0
+    subset_groups: list[tuple[float, int]] | None = None  # (mean NLL, targets) per group label
     tokens_by_segment: list[int] = field(default_factory=list)  # targets at segment index s
 
     @property
@@ -64,6 +66,9 @@ class EvalResult:
         if self.subset_loss is not None:
             out.update(subset_loss=self.subset_loss, subset_bits=self.subset_bits,
                        subset_tokens=self.subset_tokens)
+        if self.subset_groups is not None:
+            out["subset_bits_by_group"] = [loss / LN2 if n else None
+                                           for loss, n in self.subset_groups]
         return out
 
 
@@ -220,7 +225,9 @@ def run_eval(scorer: SegmentScorer, batches: Iterable, *, max_segments: int = 0,
     (segment index of the stream). `memory`: "carried" passes each segment's memory to the next
     one of its stream; "reset" starts every segment with an empty memory (same model, same
     tokens). `target_mask(batch)` -> [rows, N] bool selects targets scored apart as well
-    (`subset_loss`; needs per-target NLL). `all_reduce` sums a tensor over data-parallel ranks.
+    (`subset_loss`; needs per-target NLL); an integer mask instead labels them with groups
+    0..MAX_GROUPS-1 (-1: not scored), each also scored apart (`subset_groups`). `all_reduce`
+    sums a tensor over data-parallel ranks.
     `stop`, called every `stop_every` segments on every rank (so it may be collective), ends the
     pass early when it returns True (a preemption signal must not wait for a long evaluation).
     `progress(tokens)` is called after every segment.
@@ -229,7 +236,8 @@ def run_eval(scorer: SegmentScorer, batches: Iterable, *, max_segments: int = 0,
         raise ValueError(f"memory={memory!r}: expected one of {MEMORY_MODES}")
     sums = torch.zeros(max_index, dtype=torch.float64)
     counts = torch.zeros(max_index, dtype=torch.float64)
-    subset = torch.zeros(2, dtype=torch.float64)  # NLL sum, count
+    subset = torch.zeros(2, MAX_GROUPS, dtype=torch.float64)  # NLL sum, count per group
+    grouped = False
     interrupted = False
     scorer.start()
     try:
@@ -244,9 +252,13 @@ def run_eval(scorer: SegmentScorer, batches: Iterable, *, max_segments: int = 0,
             sums[idx] += s.nll_sum.double().cpu()
             counts[idx] += s.count
             if target_mask is not None and s.nll is not None:
-                mask = torch.as_tensor(target_mask(batch), device=s.nll.device)
-                subset[0] += s.nll.double()[mask].sum().cpu()
-                subset[1] += mask.sum().cpu()
+                mask = torch.as_tensor(target_mask(batch)).cpu()
+                grouped = grouped or mask.dtype != torch.bool
+                group = mask.long().clamp(max=MAX_GROUPS - 1)
+                keep = group >= 0 if grouped else mask
+                subset[0].index_add_(0, group[keep], s.nll.detach().double().cpu()[keep])
+                subset[1].index_add_(0, group[keep], torch.ones(int(keep.sum()),
+                                                                dtype=torch.float64))
             if progress is not None:
                 progress(s.count)
     finally:
@@ -254,18 +266,23 @@ def run_eval(scorer: SegmentScorer, batches: Iterable, *, max_segments: int = 0,
     if all_reduce is not None and not scorer.global_sums:
         sums, counts, subset = (all_reduce(t).cpu() for t in (sums, counts, subset))
     return _result(sums, counts, subset, interrupted=interrupted, memory=memory,
-                   scored=target_mask is not None)
+                   scored=target_mask is not None, grouped=grouped)
 
 
-def _result(sums, counts, subset, *, interrupted: bool, memory: str, scored: bool) -> EvalResult:
+def _result(sums, counts, subset, *, interrupted: bool, memory: str, scored: bool,
+            grouped: bool = False) -> EvalResult:
     total = counts.sum().item()
     used = int((counts > 0).nonzero().max().item()) + 1 if total > 0 else 0
     by_seg = (sums[:used] / counts[:used].clamp(min=1)).tolist()
-    n_sub = int(subset[1].item())
+    n_sub = int(subset[1].sum().item())
+    groups = None
+    if grouped:
+        last = int((subset[1] > 0).nonzero().max().item()) + 1 if n_sub else 0
+        groups = [(a / max(n, 1.0), int(n)) for a, n in subset[:, :last].T.tolist()]
     return EvalResult(loss=sums.sum().item() / max(total, 1.0), tokens=int(total),
                       by_segment=by_seg, interrupted=interrupted, memory=memory,
-                      subset_loss=subset[0].item() / max(n_sub, 1) if scored else None,
-                      subset_tokens=n_sub,
+                      subset_loss=subset[0].sum().item() / max(n_sub, 1) if scored else None,
+                      subset_tokens=n_sub, subset_groups=groups,
                       tokens_by_segment=[int(c) for c in counts[:used].tolist()])
 
 

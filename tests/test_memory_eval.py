@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -74,6 +75,26 @@ def test_target_mask_scores_a_subset(corpus):
         evaluate(m, batches(corpus), memory="off")
 
 
+@pytest.mark.unit
+def test_integer_target_mask_scores_each_group_apart(corpus):
+    """Labels 0, 1 and -1 (not scored): each group's mean NLL equals the bool-mask subset of
+    the same targets, and the groups together equal their union."""
+    m = model("lamemo")
+    pos = torch.arange(SEG)[None, :].expand(2, -1)
+    labels = torch.where(pos < 2, pos, torch.full_like(pos, -1))  # target 0 -> 0, 1 -> 1
+    grouped = evaluate(m, batches(corpus), max_segments=3, target_mask=lambda b: labels)
+    (l0, n0), (l1, n1) = grouped.subset_groups
+    assert n0 == n1 == 3 * 2 and grouped.subset_tokens == 12
+    for g, loss in ((0, l0), (1, l1)):
+        alone = evaluate(m, batches(corpus), max_segments=3, target_mask=lambda b, g=g: pos == g)
+        assert loss == pytest.approx(alone.subset_loss, rel=1e-12)
+    both = evaluate(m, batches(corpus), max_segments=3, target_mask=lambda b: pos < 2)
+    assert grouped.subset_loss == pytest.approx(both.subset_loss, rel=1e-12)
+    assert both.subset_groups is None and "subset_bits_by_group" not in both.as_dict()
+    assert grouped.as_dict()["subset_bits_by_group"] == pytest.approx(
+        [l0 / math.log(2), l1 / math.log(2)])
+
+
 def test_memory_gain_of_a_subset():
     a = EvalResult(loss=1.0, tokens=1, subset_loss=0.5)
     b = EvalResult(loss=2.0, tokens=1, subset_loss=2.5)
@@ -133,6 +154,13 @@ def test_eval_cli_scores_recall_key_symbols(tmp_path, lamemo):
     assert set(rc["bits_per_key_symbol"]) == {"carried", "reset"}
     assert rc["bits_per_key_symbol"]["carried"] == pytest.approx(out["subset_bits"])
     assert "recall: bits per key symbol" in r.stderr
+    # by key symbol (single-key episodes: no elimination reader), weighted back to the mean
+    assert list(rc["by_group"]) == [f"s{j}" for j in range(1, 7)]
+    assert "elimination_bits" not in rc and "recall by group (carried/reset)" in r.stderr
+    groups = rc["by_group"].values()
+    assert sum(g["key_symbols"] for g in groups) == rc["key_symbols"]
+    assert statistics.fmean([g["carried"] for g in groups], weights=[
+        g["key_symbols"] for g in groups]) == pytest.approx(rc["bits_per_key_symbol"]["carried"])
 
 
 @pytest.mark.integration

@@ -199,3 +199,28 @@ def test_fresh_names_keep_neighbouring_episodes_apart(tmp_path, lamemo):
         shared[tag] = reused / pairs
     assert shared["fresh"] == 0 and shared["plain"] > 0.08
     assert load_manifest(tmp_path / "fresh")["recall"]["fresh_names"] is True
+
+
+def test_elimination_reader_pays_for_what_the_pending_values_leave_open():
+    """Values asked in order 12, 13, 45: the reader holding {12, 13, 45} pays log2(3/2) for
+    the first '1', then 1 bit for '2' (12 or 13), 1 bit for the second query's '1' (13 or 45)
+    and nothing after that."""
+    spec = RecallSpec(pairs=3, key_len=2, alphabet="12345", gap_min=40, gap_max=80)
+    got = spec._elimination("12 13 45", [0, 1, 3, 4, 6, 7])
+    assert got == pytest.approx([np.log2(1.5), 1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_targets_label_query_order_and_symbol(tmp_path, lamemo):
+    assert prepare(lamemo, tmp_path / "m", *MULTI).returncode == 0
+    scorer = RecallScorer(str(tmp_path / "m"), "valid")
+    labels, elim = scorer.labels, scorer.elimination
+    assert (scorer.mask == (labels >= 0)).all() and set(np.unique(labels)) == {-1, *range(8)}
+    assert scorer.spec.group_names() == [f"q{q} s{j}" for q in range(1, 5) for j in (1, 2)]
+    assert np.isnan(elim[labels < 0]).all() and (elim[labels >= 0] >= 0).all()
+    assert (elim[labels == 6] == 0).all() and (elim[labels == 7] == 0).all()  # last query
+    assert (elim[labels == 0] <= 2.0).all() and elim[labels == 0].mean() > 1.0
+    total, groups = scorer.elimination_bits()
+    assert total == pytest.approx(elim[labels >= 0].mean()) and groups[6] == 0.0
+    single = RecallSpec(key_len=3).check()
+    lab, el = single.targets("valid", 2000)
+    assert set(np.unique(lab)) == {-1, 0, 1, 2} and np.isnan(el).all()

@@ -155,7 +155,7 @@ def _one_pass(args, model, s: dict, memory: str, scorer, device: str):
         batches.close()
 
 
-def summarize(results: dict, kind: str, spec, units) -> dict:
+def summarize(results: dict, kind: str, scorer, units) -> dict:
     """The JSON fields of a (carried and/or reset) evaluation: the first pass's numbers at top
     level, each pass under its name, the memory gain, and the recall cost when scored."""
     from ..config.schema import keeps_memory
@@ -170,11 +170,35 @@ def summarize(results: dict, kind: str, spec, units) -> dict:
         out.update(memory_gain(results["carried"], results["reset"]))
         if not keeps_memory(kind):
             out["memory_gain_note"] = "model.memory=none: carried and reset are the same model"
-    if spec is not None:
+    if scorer is not None:
+        spec = scorer.spec
         out["recall"] = {"bits_per_key_symbol": {k: r.subset_bits for k, r in results.items()},
                          "chance_bits": spec.bits_per_symbol, "key_symbols": main.subset_tokens,
                          "gap": [spec.gap_min, spec.gap_max]}
+        out["recall"].update(_recall_groups(results, scorer))
     return out
+
+
+def _recall_groups(results: dict, scorer) -> dict:
+    """Bits per key symbol by group (query order and symbol), beside the elimination reader's
+    (multi-query: what knowing the pending values, without any lookup by name, already buys)."""
+    names = scorer.spec.group_names()
+    elim, elim_groups = scorer.elimination_bits()
+    by = {}
+    for i, name in enumerate(names):
+        row = {k: (r.as_dict()["subset_bits_by_group"] + [None] * len(names))[i]
+               for k, r in results.items() if r.subset_groups is not None}
+        first = next(iter(results.values())).subset_groups or []
+        row["key_symbols"] = first[i][1] if i < len(first) else 0
+        if elim_groups[i] is not None:
+            row["elimination"] = elim_groups[i]
+        by[name] = row
+    return {"by_group": by, **({"elimination_bits": elim} if elim is not None else {})}
+
+
+def _bits(row: dict) -> dict:
+    """A by-group row's bits (carried, reset, elimination), without its symbol count."""
+    return {k: v for k, v in row.items() if k != "key_symbols"}
 
 
 def _report(split: str, results: dict, out: dict, s: dict, units) -> None:
@@ -196,6 +220,15 @@ def _report(split: str, results: dict, out: dict, s: dict, units) -> None:
         print(f"recall: bits per key symbol: {bits} (chance {rc['chance_bits']:.3f}; "
               f"{rc['key_symbols']:,} key symbols, gap {rc['gap'][0]}-{rc['gap'][1]})",
               file=sys.stderr)
+        if "elimination_bits" in rc:
+            print(f"recall: a reader who knows the pending values but no names pays "
+                  f"{rc['elimination_bits']:.3f} (elimination); recall by name must beat it",
+                  file=sys.stderr)
+        cells = [f"{g} " + "/".join("-" if v is None else f"{v:.2f}" for v in _bits(row).values())
+                 for g, row in rc.get("by_group", {}).items()]
+        if cells:
+            kinds = "/".join(_bits(next(iter(rc["by_group"].values()))))
+            print(f"recall by group ({kinds}): " + ", ".join(cells), file=sys.stderr)
 
 
 def tokenizer_folder(model_path: str | Path, run_config) -> Path | None:
@@ -263,7 +296,7 @@ def _evaluate_one(args, model, run_config, mem_len, scorer, units, device) -> di
     results = memory_passes(lambda mode: _one_pass(args, model, s, mode, scorer, device), modes,
                             memory_kind=kind)
     out = {"model": str(args.model), "data": str(args.data), "split": args.split, **s,
-           **summarize(results, kind, scorer.spec if scorer else None, units)}
+           **summarize(results, kind, scorer, units)}
     _report(args.split, results, out, s, units)
     return out
 
@@ -289,7 +322,7 @@ def run(args) -> int:
                 protocol_settings(args, model.config, run_config, lengths[0]))
     units = Units.from_manifest(manifest, args.split)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    scorer = recall_scorer(args.data, args.split)
+    scorer = recall_scorer(args.data, args.split, grouped=True)
     rows = [_evaluate_one(args, model, run_config, m, scorer, units, device) for m in lengths]
     out = rows[0] if len(rows) == 1 else write_sweep(rows, units, args.output)
     text = json.dumps(out, indent=2)

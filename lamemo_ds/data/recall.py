@@ -203,12 +203,45 @@ class RecallSpec:
         """[T] bool over the split's tokens (one per character, EOS after each document): True
         at every recalled key symbol. The generator itself says where they are, so the text
         needs no marker for the scorer to find them."""
-        masks = []
+        return self.targets(split, tokens)[0] >= 0
+
+    def targets(self, split: str, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """([T] int16, [T] float32) over the split's tokens: each recalled key symbol's group
+        (query order q and symbol j: q * key_len + j; single-key episodes: j), -1 elsewhere;
+        and, for multi-query recall, its cost in bits to a reader who knows the values still
+        pending in the episode but not which name holds which (NaN elsewhere)."""
+        labels, elim = [], []
         for text, marks in self._texts(split, tokens):
-            m = np.zeros(len(text) + 1, dtype=np.bool_)
-            m[marks] = True
-            masks.append(m)
-        return np.concatenate(masks) if masks else np.zeros(0, dtype=np.bool_)
+            lab = np.full(len(text) + 1, -1, dtype=np.int16)
+            lab[marks] = np.arange(len(marks)) % (self.key_len * (self.pairs or 1))
+            el = np.full(len(text) + 1, np.nan, dtype=np.float32)
+            if self.pairs is not None:
+                el[marks] = self._elimination(text, marks)
+            labels.append(lab)
+            elim.append(el)
+        if not labels:
+            return np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.float32)
+        return np.concatenate(labels), np.concatenate(elim)
+
+    def _elimination(self, text: str, marks: list[int]) -> list[float]:
+        """Bits per recalled symbol of a reader that holds the multiset of values not yet asked
+        for in the episode and picks among those that fit the symbols already given. With K
+        pairs it needs no name lookup and still pays only log2(K), log2(K - 1), ..., 0 bits for
+        the first symbols of the K queries: the part of a score that recall by name must beat."""
+        n, per = self.key_len, self.key_len * self.pairs
+        out = []
+        for e in range(0, len(marks), per):
+            values = [text[marks[e + q * n]:marks[e + q * n] + n] for q in range(self.pairs)]
+            for q, v in enumerate(values):
+                for j in range(n):
+                    fit = [r for r in values[q:] if r[:j] == v[:j]]
+                    out.append(float(np.log2(len(fit) / sum(r[j] == v[j] for r in fit))))
+        return out
+
+    def group_names(self) -> list[str]:
+        """Names of the `targets` groups: 'q1 s1', 'q1 s2', ... (single-key: 's1', ...)."""
+        qs = [f"q{q + 1} " for q in range(self.pairs)] if self.pairs is not None else [""]
+        return [f"{q}s{j + 1}" for q in qs for j in range(self.key_len)]
 
 
 def parse_gap(text: str) -> tuple[int, int]:
@@ -244,7 +277,8 @@ class RecallScorer:
     [R, N] bool over its targets.
     """
 
-    def __init__(self, data_dir: str, split: str, manifest: dict | None = None):
+    def __init__(self, data_dir: str, split: str, manifest: dict | None = None, *,
+                 grouped: bool = False):
         from .manifest import load_manifest, open_tokens
 
         manifest = load_manifest(data_dir) if manifest is None else manifest
@@ -252,7 +286,10 @@ class RecallScorer:
         if self.spec is None:
             raise CorpusError(f"{data_dir} was not prepared with --corpus recall")
         sizes = manifest["options"]["sizes"]
-        self.mask = self.spec.scored(split, sizes[SPLITS.index(split)])
+        self.labels, self.elimination = self.spec.targets(split, sizes[SPLITS.index(split)])
+        self.mask = self.labels >= 0
+        self.grouped = grouped
+        """Called, return each target's group (int64, -1: not scored) instead of a bool mask."""
         tokens = len(open_tokens(data_dir, split, verify_sha=False))
         if len(self.mask) != tokens:
             raise CorpusError(f"{data_dir}: its {split} split holds {tokens} tokens, the recall "
@@ -263,13 +300,25 @@ class RecallScorer:
         import torch
 
         n = batch.target.shape[1]
-        pos = batch.offsets.numpy()[:, None] + 1 + np.arange(n)  # split positions of targets
-        return torch.from_numpy(self.mask[pos % len(self.mask)])
+        pos = (batch.offsets.numpy()[:, None] + 1 + np.arange(n)) % len(self.mask)
+        if self.grouped:
+            return torch.from_numpy(self.labels[pos].astype(np.int64))
+        return torch.from_numpy(self.mask[pos])
+
+    def elimination_bits(self) -> tuple[float | None, list[float | None]]:
+        """The elimination reader's mean bits per key symbol over the split, and per group
+        (None for single-key episodes, where one key is pending and it costs nothing)."""
+        if self.spec.pairs is None:
+            return None, [None] * len(self.spec.group_names())
+        groups = [float(self.elimination[self.labels == g].mean())
+                  for g in range(len(self.spec.group_names()))]
+        return float(self.elimination[self.mask].mean()), groups
 
 
-def recall_scorer(data_dir: str, split: str) -> RecallScorer | None:
+def recall_scorer(data_dir: str, split: str, *, grouped: bool = False) -> RecallScorer | None:
     """A RecallScorer when `data_dir` holds a recall corpus, else None."""
     from .manifest import load_manifest
 
     manifest = load_manifest(data_dir)
-    return RecallScorer(data_dir, split, manifest) if manifest.get("recall") else None
+    return (RecallScorer(data_dir, split, manifest, grouped=grouped) if manifest.get("recall")
+            else None)
