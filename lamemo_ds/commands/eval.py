@@ -182,14 +182,17 @@ def summarize(results: dict, kind: str, scorer, units) -> dict:
 def _recall_groups(results: dict, scorer) -> dict:
     """Bits per key symbol by group (query order and symbol), beside the elimination reader's
     (multi-query: what knowing the pending values, without any lookup by name, already buys)."""
+    from ..evaluation import LN2
+
     names = scorer.spec.group_names()
     elim, elim_groups = scorer.elimination_bits()
+    pad = [(0.0, 0)] * len(names)  # groups no evaluated target fell in
+    groups = {k: (r.subset_groups or []) + pad for k, r in results.items()
+              if r.subset_groups is not None}
     by = {}
     for i, name in enumerate(names):
-        row = {k: (r.as_dict()["subset_bits_by_group"] + [None] * len(names))[i]
-               for k, r in results.items() if r.subset_groups is not None}
-        first = next(iter(results.values())).subset_groups or []
-        row["key_symbols"] = first[i][1] if i < len(first) else 0
+        row = {k: g[i][0] / LN2 if g[i][1] else None for k, g in groups.items()}
+        row["key_symbols"] = next(iter(groups.values()))[i][1] if groups else 0
         if elim_groups[i] is not None:
             row["elimination"] = elim_groups[i]
         by[name] = row
