@@ -42,7 +42,7 @@ REPO = HERE.parent
 MODELS = ("lamemo", "xl", "none")
 FULL = {"train_mem": [32, 64, 128, 256, 512, 1024], "train_seg": [32, 64, 128, 256, 512],
         "eval_mem": [64, 128, 256, 512, 1024, 2048], "ckpt_d": [128, 256, 512, 1024],
-        "ckpt_stages": [0, 1, 2, 3], "prepare_cap_mb": {"bpe": 64},
+        "ckpt_stages": [0, 1, 2, 3], "prepare_cap_mb": {},
         "prepare_mb": [8, 64, 1024], "loader_rows": [1, 4, 16, 64, 256]}
 TINY = {"train_mem": [8, 16, 32], "train_seg": [8, 16, 32], "eval_mem": [8, 16, 32],
         "ckpt_d": [32, 64], "ckpt_stages": [0, 3], "prepare_mb": [1, 2], "prepare_cap_mb": {},
@@ -159,7 +159,7 @@ def make_corpus(folder: Path, mb: int) -> None:
 
 def prepare_curve(a) -> dict[str, list[dict]]:
     """MB/s per tokenizer against corpus size (every core); the tokenizers interleaved. A
-    tokenizer with a cap (BPE: its encoding runs near 0.5 MB/s here) stops at it."""
+    tokenizer with a cap in the sizes (none in the full run) stops at it."""
     toks, cores, cap = a.tokenizers.split(","), os.cpu_count() or 1, a.sizes["prepare_cap_mb"]
     out: dict[str, list[dict]] = {t: [] for t in toks}
     tmp = Path(a.tmp)

@@ -241,3 +241,22 @@ def _args(**kw):
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", v]
     return p.parse_args(argv + ["--quiet"])
+
+
+@pytest.mark.unit
+def test_bpe_encodes_long_text_in_line_chunks_with_the_ids_of_one_encode():
+    from lamemo_ds.data.tokenizer import BATCH_CHARS, line_chunks, train_bpe
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "béta", "γάμμα", "x=1;", "  ", "\t", "end.", "😀"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(0, 30))) for _ in range(3000)]
+    ends = ["\n", "\r\n", "\n\n"]
+    text = "".join(ln + ends[i % 3] for i, ln in enumerate(lines)) + "x" * (BATCH_CHARS + 5)
+    text += "\nlast line without newline"
+    chunks = line_chunks(text, BATCH_CHARS)
+    assert "".join(chunks) == text and len(chunks) > 4
+    assert all(c.endswith("\n") for c in chunks[:-1])
+    tok = train_bpe([text[:20000]], vocab_size=400, min_freq=1)
+    assert tok.encode_array(text).tolist() == tok.encode(text)
+    assert line_chunks("no newline at all" * 2000, 64) == ["no newline at all" * 2000]
+    assert line_chunks("", 64) == []

@@ -9,6 +9,7 @@ finished folder is recognised and re-running prepare over it is a no-op unless f
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import shutil
 import time
 from collections import Counter, deque
@@ -119,6 +120,10 @@ def limited(docs: Iterator[C.Document], o: PrepareOptions,
 
 
 def _init_worker(spec: dict, data_dir: str) -> None:
+    # One worker per core already: the BPE's own threads would only oversubscribe (and, in a
+    # process forked after the parent trained the BPE, make `tokenizers` warn and fall back).
+    if mp.parent_process() is not None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER["tok"] = tokenizer_from_spec(spec, data_dir)
 
 
