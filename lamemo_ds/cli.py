@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from .config.errors import EXIT_USER_ERROR
 
@@ -50,6 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(run, args, name: str) -> int:
+    """run(args) as the exit code (see `_exit_code`). Under mpirun a failing rank ends the whole
+    job with its code, where it would otherwise leave the other ranks waiting for it."""
+    try:
+        code = _exit_code(run, args, name)
+    except SystemExit as e:
+        if e.code:
+            _end_mpi_job(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException:
+        # MPI_Abort ends the process before Python would print the traceback: print it first
+        _end_mpi_job(1, last_words=traceback.print_exc)
+        raise
+    if code:
+        _end_mpi_job(code)
+    return code
+
+
+def _end_mpi_job(code: int, last_words=None) -> None:
+    if "mpi4py.MPI" in sys.modules:  # imported only by an mpirun rank (parallel.dist.discover)
+        from .parallel.dist import abort_mpi_job
+
+        abort_mpi_job(code, last_words=last_words)
+
+
+def _exit_code(run, args, name: str) -> int:
     """run(args) as the exit code; a configuration or other user error, or a checkpoint file that
     would run code when loaded (refused unless --trust-checkpoint), is reported in one line
     (exit 2)."""

@@ -67,6 +67,45 @@ def test_mpirun(corpus, tmp_path):
     _check(res, tmp_path / "run", "mpirun")
 
 
+# rank 1 fails while rank 0 waits for it in a collective (the group's timeout: 10 minutes)
+_ONE_RANK_FAILS = """
+import sys
+import torch
+from lamemo_ds import cli
+from lamemo_ds.config.errors import UserError
+from lamemo_ds.parallel import dist
+
+denv = dist.discover()
+dist.init_distributed(denv, backend="gloo", timeout_s=600)
+
+
+def run(args):
+    if denv.rank == 1:
+        raise {error}("rank 1 cannot read its shard")
+    torch.distributed.barrier()
+    return 0
+
+
+sys.exit(cli._run(run, None, "lamemo test"))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("error,code,said", [
+    ("UserError", 2, "lamemo test: error: rank 1 cannot read its shard"),
+    ("RuntimeError", 1, "RuntimeError: rank 1 cannot read its shard"),
+])
+def test_mpirun_one_failing_rank_ends_the_job_with_its_code(tmp_path, error, code, said):
+    """Without MPI_Abort the failed rank waits in MPI_Finalize for rank 0, which waits in the
+    barrier for it: the job would hang for the group's 10 minutes (`_run` fails it after 5)."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(_ONE_RANK_FAILS.format(error=error))
+    res = _run([str(BIN / "mpirun"), "-np", "2", PY, str(script)],
+               env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert res.returncode == code, res.stdout[-3000:] + res.stderr[-3000:]
+    assert said in res.stderr
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("override,key", [
     ("train.global_batch_size=7", "train.global_batch_size=7"),

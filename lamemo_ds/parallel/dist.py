@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -168,6 +168,29 @@ def die_with_launcher(launcher_pid: int, launcher: str) -> bool:
     if os.getppid() != launcher_pid:  # the launcher died before the signal was armed
         os.kill(os.getpid(), signal.SIGKILL)
     return True
+
+
+def abort_mpi_job(code: int, *, last_words: Callable[[], object] | None = None) -> None:
+    """Under mpirun, end every rank of the job now, with exit code `code`; elsewhere nothing.
+
+    A rank that fails under mpirun exits through mpi4py's MPI_Finalize, which waits for the other
+    ranks while they wait in a collective for the failed one: the job hangs until the process-group
+    timeout (30 minutes by default) and holds its allocation. torchrun's agent and `srun
+    --kill-on-bad-exit` end the other ranks themselves; MPI does it only on MPI_Abort. Called on
+    a failing exit (the command has already printed why and run its own cleanup). MPI is only
+    looked at when this process imported it (`discover` under mpirun) and has more than one rank;
+    `last_words` (e.g. printing the traceback) runs just before the abort.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    if mpi.COMM_WORLD.Get_size() < 2:
+        return
+    if last_words is not None:
+        last_words()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
 
 
 def _free_port() -> int:
