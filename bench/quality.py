@@ -52,7 +52,8 @@ DEFAULTS = {  # corpus -> (base config, data folder, overrides of the arguments 
                       "eval_segments": 64}),
 }
 # the corpus of the multi-query study (FINDINGS §7), made before --recall-fresh-names; the
-# recipe, configs/recall_multi.yaml, now trains on the same corpus with fresh names, 64 streams
+# recipe, configs/recall_multi.yaml, now trains on the same corpus with fresh names, 8 heads of
+# 16 (DEFAULTS here: 4 of 32), 64 streams
 # and 8k steps; --pairs and --gap vary it for a sweep
 RECALL_MULTI = ("--split-sizes", "2000000,32768,32768", "--recall-key-len", "2",
                 "--recall-alphabet", "01234567", "--recall-filler", "so it goes ",
